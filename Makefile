@@ -1,0 +1,29 @@
+# The two entry points named at the top of README.md.
+#   make demo   set up .venv, then train bert_demo on the packaged MiniLM
+#   make test   set up .venv, then ruff, mypy and pytest
+# Extra arguments for the demo: make demo ARGS="--preset paper"
+
+PY := .venv/bin/python
+ARGS ?=
+
+.PHONY: setup demo test lint typecheck pytest bench
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m bert_demo train $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check gradtools bert_demo benchmarks tests
+
+typecheck: setup
+	$(PY) -m mypy
+
+pytest: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: setup
+	$(PY) benchmarks/run_all.py

@@ -1,0 +1,1 @@
+"""bert_demo: minBERT multitask fine-tuning, the reference consumer of gradtools."""
