@@ -1,0 +1,278 @@
+"""Readers for the CS224N multitask files, and STS augmentation by pair reversal.
+
+The files are tab-separated with a header row. Their first column is an unnamed
+row index; the ``*-test-student.csv`` files carry no label column (and the SST
+and CFIMDB ones an extra leading index column). Columns are therefore found by
+their header names, never by position::
+
+    <index>  id  sentence             sentiment       SST (0..4), CFIMDB (0/1)
+    <index>  id  sentence1 sentence2  is_duplicate    Quora (0.0/1.0)
+    <index>  id  sentence1 sentence2  similarity      STS-B (0.0..5.0)
+
+Fields follow the ``csv`` module's standard quoting (a field that starts with
+``"`` is quoted, ``""`` inside it is one quote). That is how the files were
+written: STS sentences such as ``"He said ""yes""."`` decode to ``He said
+"yes".``; reading with quoting switched off would keep those quote marks. (The
+Quora and CFIMDB texts were quoted twice upstream, so after decoding they still
+hold some doubled quotes; we keep the text as the files define it.)
+
+A malformed row raises :class:`DataFormatError` naming the file and line. The
+one exception is an empty label cell: the real quora-train.csv has one (line
+15624), the official 141k-pair file has a few, and the CS224N starter code
+skipped them, so by default such a row is skipped with a warning
+(``missing_label="error"`` makes it an error instead).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "TASKS",
+    "DataFormatError",
+    "PairExample",
+    "SentenceExample",
+    "find_data_dir",
+    "read_pairs",
+    "read_sentences",
+    "read_task",
+    "reverse_pairs",
+    "task_file",
+]
+
+TaskName = Literal["sst", "cfimdb", "quora", "sts"]
+Split = Literal["train", "dev", "test-student"]
+
+
+class DataFormatError(ValueError):
+    """A data file does not have the expected format; the message starts with ``file:line:``."""
+
+
+@dataclass(frozen=True)
+class SentenceExample:
+    """One single-sentence example (SST, CFIMDB). ``label`` is None in unlabeled files."""
+
+    id: str
+    sentence: str
+    label: int | None
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """One sentence-pair example (Quora, STS). ``label`` is None in unlabeled files."""
+
+    id: str
+    sentence1: str
+    sentence2: str
+    label: float | None
+
+
+@dataclass(frozen=True)
+class _TaskFormat:
+    file_prefix: str  # file name = f"{file_prefix}-{split}.csv"
+    text_columns: tuple[str, ...]
+    label_column: str
+    parse_label: Callable[[str], float]  # raises ValueError with a readable reason
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"label {text!r} is not a number") from None
+
+
+def _parse_class(low: int, high: int) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = _number(text)  # accepts "3" and "3.0"
+        if not value.is_integer() or not low <= value <= high:
+            raise ValueError(f"label {text!r} is not an integer class in {low}..{high}")
+        return int(value)
+
+    return parse
+
+
+def _parse_score(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = _number(text)
+        if not low <= value <= high:  # also rejects nan
+            raise ValueError(f"label {text!r} is outside [{low}, {high}]")
+        return value
+
+    return parse
+
+
+TASKS: dict[str, _TaskFormat] = {
+    "sst": _TaskFormat("ids-sst", ("sentence",), "sentiment", _parse_class(0, 4)),
+    "cfimdb": _TaskFormat("ids-cfimdb", ("sentence",), "sentiment", _parse_class(0, 1)),
+    # Quora labels are written 0.0 / 1.0; read_pairs returns them as floats (BCE targets).
+    "quora": _TaskFormat("quora", ("sentence1", "sentence2"), "is_duplicate", _parse_class(0, 1)),
+    "sts": _TaskFormat("sts", ("sentence1", "sentence2"), "similarity", _parse_score(0.0, 5.0)),
+}
+
+
+def _task_format(task: str) -> _TaskFormat:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    return TASKS[task]
+
+
+def _read_rows(
+    path: Path,
+    fmt: _TaskFormat,
+    labeled: bool | None,
+    missing_label: Literal["skip", "error"],
+) -> list[tuple[str, list[str], float | None]]:
+    """Parse a file into (id, texts, label) rows, validating every row."""
+    if missing_label not in ("skip", "error"):
+        raise ValueError(f"missing_label must be 'skip' or 'error', got {missing_label!r}")
+    rows: list[tuple[str, list[str], float | None]] = []
+    skipped: list[int] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t")
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataFormatError(f"{path}:1: empty file, expected a header row") from None
+        for name in ("id", *fmt.text_columns):
+            if name not in header:
+                raise DataFormatError(
+                    f"{path}:1: header has no {name!r} column (columns: {header})"
+                )
+        has_label = fmt.label_column in header
+        if labeled is True and not has_label:
+            raise DataFormatError(
+                f"{path}:1: header has no {fmt.label_column!r} label column (columns: {header})"
+            )
+        with_label = has_label if labeled is None else labeled
+        id_col = header.index("id")
+        text_cols = [header.index(name) for name in fmt.text_columns]
+        label_col = header.index(fmt.label_column) if with_label else None
+
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if len(row) != len(header):
+                raise DataFormatError(
+                    f"{where}: expected {len(header)} tab-separated fields like the header, "
+                    f"found {len(row)}"
+                )
+            texts = [row[c].strip() for c in text_cols]
+            for name, text in zip(fmt.text_columns, texts, strict=True):
+                if not text:
+                    raise DataFormatError(f"{where}: empty {name!r}")
+            label: float | None = None
+            if label_col is not None:
+                cell = row[label_col].strip()
+                if not cell and missing_label == "skip":
+                    skipped.append(reader.line_num)
+                    continue
+                try:
+                    label = fmt.parse_label(cell)
+                except ValueError as e:
+                    raise DataFormatError(f"{where}: {e}") from None
+            rows.append((row[id_col].strip(), texts, label))
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else "")
+        warnings.warn(
+            f"{path}: skipped {len(skipped)} row(s) with an empty {fmt.label_column!r} "
+            f"label (line {shown})",
+            stacklevel=3,
+        )
+    return rows
+
+
+def read_sentences(
+    path: str | os.PathLike[str],
+    task: Literal["sst", "cfimdb"] = "sst",
+    *,
+    labeled: bool | None = None,
+    missing_label: Literal["skip", "error"] = "skip",
+) -> list[SentenceExample]:
+    """Read an SST or CFIMDB file.
+
+    ``labeled=None`` follows the header (test-student files have no label
+    column); ``True`` demands a label column, ``False`` ignores it.
+    """
+    fmt = _task_format(task)
+    if len(fmt.text_columns) != 1:
+        raise ValueError(f"task {task!r} holds sentence pairs; use read_pairs")
+    return [
+        SentenceExample(id_, texts[0], None if label is None else int(label))
+        for id_, texts, label in _read_rows(Path(path), fmt, labeled, missing_label)
+    ]
+
+
+def read_pairs(
+    path: str | os.PathLike[str],
+    task: Literal["quora", "sts"] = "sts",
+    *,
+    labeled: bool | None = None,
+    missing_label: Literal["skip", "error"] = "skip",
+) -> list[PairExample]:
+    """Read a Quora or STS file (see :func:`read_sentences` for ``labeled``)."""
+    fmt = _task_format(task)
+    if len(fmt.text_columns) != 2:
+        raise ValueError(f"task {task!r} holds single sentences; use read_sentences")
+    return [
+        PairExample(id_, texts[0], texts[1], None if label is None else float(label))
+        for id_, texts, label in _read_rows(Path(path), fmt, labeled, missing_label)
+    ]
+
+
+def read_task(
+    path: str | os.PathLike[str], task: str, **kwargs: bool | str | None
+) -> list[SentenceExample] | list[PairExample]:
+    """Read any task's file: :func:`read_sentences` or :func:`read_pairs` by task name."""
+    if len(_task_format(task).text_columns) == 1:
+        return read_sentences(path, task, **kwargs)  # type: ignore[arg-type]
+    return read_pairs(path, task, **kwargs)  # type: ignore[arg-type]
+
+
+def task_file(data_dir: str | os.PathLike[str], task: str, split: str) -> Path:
+    """Path of a task's split, e.g. ``task_file(d, "sst", "dev")`` -> ``d/ids-sst-dev.csv``."""
+    if split not in ("train", "dev", "test-student"):
+        raise ValueError(f"split must be 'train', 'dev' or 'test-student', got {split!r}")
+    path = Path(data_dir) / f"{_task_format(task).file_prefix}-{split}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"no {task} {split} file: {path} does not exist")
+    return path
+
+
+def find_data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The data folder: ``explicit``, else ``$BERT_DEMO_DATA``, else ``../shared/data``.
+
+    ``../shared/data`` is looked up from the current directory and from the
+    repository root of this package.
+    """
+    if explicit is not None:
+        candidates, origin = [Path(explicit)], "the data argument"
+    elif os.environ.get("BERT_DEMO_DATA"):
+        candidates, origin = [Path(os.environ["BERT_DEMO_DATA"])], "$BERT_DEMO_DATA"
+    else:
+        repo_root = Path(__file__).resolve().parent.parent
+        candidates = [Path.cwd().parent / "shared" / "data", repo_root.parent / "shared" / "data"]
+        origin = "the default"
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"data folder not found ({origin}: {tried}); pass --data DIR or set BERT_DEMO_DATA "
+        "to a folder holding the CS224N files (ids-sst-train.csv, quora-train.csv, ...)"
+    )
+
+
+def reverse_pairs(examples: Sequence[PairExample]) -> list[PairExample]:
+    """stsAug: the examples followed by copies with the two sentences swapped.
+
+    Similarity is symmetric, so each swapped pair keeps its label; applied to a
+    batch it doubles the batch as in the paper.
+    """
+    swapped = [replace(e, sentence1=e.sentence2, sentence2=e.sentence1) for e in examples]
+    return [*examples, *swapped]
