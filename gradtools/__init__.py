@@ -3,4 +3,19 @@
 Public API only; each tool lives in its own module.
 """
 
-__all__: list[str] = []
+from gradtools.adamw import AdamW
+from gradtools.divergences import bernoulli_symmetric_kl, divergence, squared_error, symmetric_kl
+from gradtools.dropout_policy import capture_rng_state
+from gradtools.smart import SMART
+from gradtools.teacher import MomentumTeacher
+
+__all__ = [
+    "SMART",
+    "AdamW",
+    "MomentumTeacher",
+    "bernoulli_symmetric_kl",
+    "capture_rng_state",
+    "divergence",
+    "squared_error",
+    "symmetric_kl",
+]

@@ -1,0 +1,361 @@
+r"""AdamW written from scratch, numerically identical to ``torch.optim.AdamW``.
+
+The algorithm (Loshchilov & Hutter, "Decoupled Weight Decay Regularization"),
+for each parameter :math:`\theta` with gradient :math:`g_t` at step :math:`t`:
+
+.. math::
+    \begin{aligned}
+    g_t &\leftarrow -g_t \quad \text{if maximize} \\
+    \theta_t &\leftarrow \theta_{t-1} (1 - \gamma \lambda)
+        && \text{decoupled weight decay} \\
+    m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+    v_t &\leftarrow \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+    \hat v_t &\leftarrow \max(\hat v_{t-1}, v_t) \text{ if amsgrad else } v_t \\
+    \theta_t &\leftarrow \theta_t - \frac{\gamma}{1 - \beta_1^t}
+        \cdot \frac{m_t}{\sqrt{\hat v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+    \end{aligned}
+
+With ``correct_bias=False`` (the flag of the old ``transformers.AdamW``) both
+bias corrections are 1.
+
+Three implementations of the same update:
+
+- ``"for-loop"``: one tensor at a time, in exactly the operation order of
+  ``torch.optim.AdamW(foreach=False)``, so results are bitwise identical. This is
+  the reference the other two are tested against.
+- ``"foreach"``: the same arithmetic on lists of tensors with ``torch._foreach_*``
+  kernels (fewer kernel launches; the default on CUDA, as in torch).
+- ``"compiled"`` (``fused=True``): the whole per-parameter update as one
+  ``torch.compile``'d elementwise kernel with dynamic shapes, so a single compiled
+  kernel serves every parameter. On CPU this reads and writes each tensor once
+  instead of once per operation. If no compiler is available it falls back to
+  ``"foreach"`` with a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["AdamW", "AdamWHyper", "adamw_step"]
+
+Implementation = Literal["for-loop", "foreach", "compiled"]
+
+# Devices where torch defaults to its foreach kernels; we default the same way.
+_FOREACH_DEFAULT_DEVICES = ("cuda", "xpu", "mtia")
+
+
+@dataclass(frozen=True)
+class AdamWHyper:
+    """The hyperparameters of one parameter group, as plain Python numbers."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    amsgrad: bool
+    maximize: bool
+    correct_bias: bool
+
+
+class AdamW(Optimizer):
+    """AdamW, bitwise identical to ``torch.optim.AdamW(foreach=False)`` in float32.
+
+    Args:
+        params: parameters or parameter groups to optimize.
+        lr: learning rate (default 1e-3).
+        betas: coefficients of the running averages of the gradient and its square
+            (default (0.9, 0.999)).
+        eps: added to the denominator for numerical stability (default 1e-8).
+        weight_decay: decoupled weight decay coefficient (default 1e-2).
+        amsgrad: use the maximum of past second moments (default False).
+        maximize: maximize the objective instead of minimizing (default False).
+        foreach: use the ``torch._foreach_*`` implementation. ``None`` chooses it
+            where torch does (parameters on CUDA/XPU), else the for-loop.
+        fused: use one compiled kernel per parameter (``torch.compile``). The
+            fastest choice on CPU; falls back to foreach without a compiler.
+            Cannot be combined with ``foreach=True``.
+        correct_bias: apply Adam's bias correction (default True). ``False``
+            reproduces the legacy ``transformers.AdamW(correct_bias=False)``.
+
+    The state of each parameter (``step``, ``exp_avg``, ``exp_avg_sq`` and, with
+    amsgrad, ``max_exp_avg_sq``) has the same names, shapes and dtypes as
+    torch's, so state dicts load across the two where the fields match.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        correct_bias: bool = True,
+    ) -> None:
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError("Tensor lr must be 1-element")
+            lr = float(lr.item())
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not 0.0 <= betas[0] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = {
+            "lr": lr,
+            "betas": (float(betas[0]), float(betas[1])),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "fused": fused,
+            "correct_bias": correct_bias,
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Called by load_state_dict: groups saved by torch.optim.AdamW lack our
+        # `correct_bias`, and old pickles may lack newer flags.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+            group.setdefault("correct_bias", True)
+        # torch keeps `step` as a float32 CPU tensor; accept plain numbers too.
+        for param_state in self.state.values():
+            step = param_state.get("step")
+            if step is not None and not torch.is_tensor(step):
+                param_state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._gather(group)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            hyper = AdamWHyper(
+                lr=float(group["lr"]),
+                beta1=float(beta1),
+                beta2=float(beta2),
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                amsgrad=bool(group["amsgrad"]),
+                maximize=bool(group["maximize"]),
+                correct_bias=bool(group["correct_bias"]),
+            )
+            adamw_step(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                steps,
+                hyper,
+                implementation=_choose_implementation(group, params),
+            )
+        return loss
+
+    def _gather(
+        self, group: dict[str, Any]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Collect the parameters that have a gradient, creating state lazily."""
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        max_exp_avg_sqs: list[Tensor] = []
+        steps: list[Tensor] = []
+        for index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue  # an untouched parameter: no step, no decay, no state
+            if p.grad.is_sparse:
+                raise RuntimeError(
+                    f"gradtools.AdamW does not support sparse gradients (parameter {index} of its "
+                    "group has one); use torch.optim.SparseAdam or a dense embedding"
+                )
+            state = self.state[p]
+            if len(state) == 0:
+                # Same layout as torch: `step` a float32 scalar on the CPU.
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+
+
+def _choose_implementation(group: dict[str, Any], params: list[Tensor]) -> Implementation:
+    if group["fused"]:
+        return "compiled"
+    foreach = group["foreach"]
+    if foreach is None:
+        foreach = all(p.device.type in _FOREACH_DEFAULT_DEVICES for p in params)
+    return "foreach" if foreach else "for-loop"
+
+
+def adamw_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    hyper: AdamWHyper,
+    implementation: Implementation = "for-loop",
+) -> None:
+    """Functional AdamW: update ``params`` and their state in place.
+
+    ``max_exp_avg_sqs`` is used only with ``hyper.amsgrad`` (pass an empty list
+    otherwise). ``steps`` are the per-parameter step counters, incremented here.
+    """
+    if implementation == "for-loop":
+        _for_loop_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper)
+    elif implementation == "foreach":
+        _foreach_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper)
+    elif implementation == "compiled":
+        from gradtools import _adamw_compiled
+
+        if not _adamw_compiled.step(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper
+        ):
+            _foreach_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper)
+    else:
+        raise ValueError(
+            f"implementation must be 'for-loop', 'foreach' or 'compiled', got {implementation!r}"
+        )
+
+
+def bias_corrections(hyper: AdamWHyper, step: float) -> tuple[float, float]:
+    """Return (step_size, sqrt of the second-moment correction) at ``step``.
+
+    Computed in Python floats, exactly as torch does, so that the for-loop path
+    stays bitwise identical.
+    """
+    if not hyper.correct_bias:
+        return hyper.lr, 1.0
+    bias_correction1 = 1 - hyper.beta1**step
+    bias_correction2 = 1 - hyper.beta2**step
+    return hyper.lr / bias_correction1, bias_correction2**0.5
+
+
+def _real_views(*tensors: Tensor) -> list[Tensor]:
+    # Complex parameters are updated as pairs of reals, as torch does.
+    return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
+
+
+def _for_loop_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    hyper: AdamWHyper,
+) -> None:
+    for i, param in enumerate(params):
+        grad = -grads[i] if hyper.maximize else grads[i]
+        step_t = steps[i]
+        step_t += 1
+        if hyper.weight_decay != 0:
+            param.mul_(1 - hyper.lr * hyper.weight_decay)
+        param, grad, exp_avg, exp_avg_sq = _real_views(param, grad, exp_avgs[i], exp_avg_sqs[i])
+
+        exp_avg.lerp_(grad, 1 - hyper.beta1)
+        exp_avg_sq.mul_(hyper.beta2).addcmul_(grad, grad, value=1 - hyper.beta2)
+
+        step_size, bias_correction2_sqrt = bias_corrections(hyper, step_t.item())
+        if hyper.amsgrad:
+            (max_exp_avg_sq,) = _real_views(max_exp_avg_sqs[i])
+            torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+            second_moment = max_exp_avg_sq
+        else:
+            second_moment = exp_avg_sq
+        denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(hyper.eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _foreach_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    hyper: AdamWHyper,
+) -> None:
+    # foreach kernels need every list on one device and dtype.
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    for indices in groups.values():
+
+        def pick(tensors: list[Tensor], idx: list[int] = indices) -> list[Tensor]:
+            return _real_views(*(tensors[i] for i in idx))
+
+        group_params = pick(params)
+        group_grads = pick(grads)
+        group_exp_avgs = pick(exp_avgs)
+        group_exp_avg_sqs = pick(exp_avg_sqs)
+        group_steps = [steps[i] for i in indices]
+
+        if hyper.maximize:
+            group_grads = list(torch._foreach_neg(group_grads))
+        torch._foreach_add_(group_steps, 1)
+        if hyper.weight_decay != 0:
+            torch._foreach_mul_(group_params, 1 - hyper.lr * hyper.weight_decay)
+        torch._foreach_lerp_(group_exp_avgs, group_grads, 1 - hyper.beta1)
+        torch._foreach_mul_(group_exp_avg_sqs, hyper.beta2)
+        torch._foreach_addcmul_(group_exp_avg_sqs, group_grads, group_grads, 1 - hyper.beta2)
+        del group_grads
+
+        corrections = [bias_corrections(hyper, s.item()) for s in group_steps]
+        negative_step_sizes = [-step_size for step_size, _ in corrections]
+        bias_correction2_sqrts = [sqrt for _, sqrt in corrections]
+        if hyper.amsgrad:
+            group_max = pick(max_exp_avg_sqs)
+            torch._foreach_maximum_(group_max, group_exp_avg_sqs)
+            denoms = torch._foreach_sqrt(group_max)
+        else:
+            denoms = torch._foreach_sqrt(group_exp_avg_sqs)
+        torch._foreach_div_(denoms, bias_correction2_sqrts)
+        torch._foreach_add_(denoms, hyper.eps)
+        torch._foreach_addcdiv_(group_params, group_exp_avgs, denoms, negative_step_sizes)
