@@ -355,3 +355,45 @@ def test_bad_arguments_are_named() -> None:
         SMART(dropout="replay")(model, embeds, clean)
     with pytest.raises(ValueError, match="kind"):
         SMART()(model, embeds, clean, kind="softmax")
+
+
+def test_through_bert_demo_position_and_type_embeddings_are_added_once() -> None:
+    from bert_demo.model import BertConfig, BertModel
+
+    torch.manual_seed(13)
+    config = BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=12,
+    )
+    bert = BertModel(config)
+    head = nn.Linear(16, 3)
+    ids = torch.randint(1, 40, (3, 7))
+    types = torch.tensor([[0, 0, 0, 1, 1, 1, 1]] * 3)
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])
+    bert.eval()
+    # The clean pass is the model's own full forward (ids -> embeddings -> encoder).
+    clean = head(bert(ids, mask, types).pooler_output)
+    embeds = bert.embed(ids, types)
+    recorder = Recorder(lambda e: head(bert.encode(e, mask).pooler_output))  # type: ignore[arg-type]
+
+    exact = SMART(epsilon=0.0, noise_std=0.0, steps=1, dropout="off")
+    assert exact(recorder, embeds, clean, mask=mask, module=bert).item() == 0.0
+    assert all(torch.equal(seen, embeds) for seen in recorder.inputs)
+
+    def adds_positions_again(e: Tensor) -> Tensor:
+        # The public bug: feeding perturbed embeddings back through a path that adds
+        # position and token-type embeddings a second time.
+        table = bert.embeddings
+        again = e + table.position_embeddings(torch.arange(7)) + table.token_type_embeddings(types)
+        return head(bert.encode(again, mask).pooler_output)
+
+    assert exact(adds_positions_again, embeds, clean, mask=mask, module=bert).item() > 0.0
+
+    recorder.inputs.clear()
+    smart = SMART(epsilon=1e-3, noise_std=1e-3, step_size=1e-2, steps=2, dropout="off")
+    r_s = smart(recorder, embeds, clean, mask=mask, module=bert)
+    assert r_s.item() > 0 and math.isfinite(r_s.item())
+    for seen in recorder.inputs[1:]:
+        delta = seen - embeds.detach()
+        assert (delta[mask == 0] == 0).all()
+        assert delta.abs().max() <= 1e-3 + seen.abs().max() * 2.0**-23
