@@ -132,7 +132,10 @@ class BertOutput(NamedTuple):
 class Embeddings(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        # padding_idx: the [PAD] vector gets no gradient, so fine-tuning never moves it (as in BERT).
+        self.word_embeddings = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -214,6 +217,9 @@ class BertModel(nn.Module):
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
@@ -324,26 +330,21 @@ def convert_hf_state_dict(hf_state: Mapping[str, Tensor], num_layers: int) -> di
     unexpected weight.
     """
     state = {_normalize_hf_key(k): v for k, v in hf_state.items()}
-    converted: dict[str, Tensor] = {}
-    missing: list[str] = []
-    used: set[str] = set()
-    for ours, hf in _hf_names(num_layers).items():
-        parts = (hf,) if isinstance(hf, str) else hf
-        absent = [p for p in parts if p not in state]
-        if absent:
-            missing.extend(absent)
-            continue
-        used.update(parts)
-        tensors = [state[p] for p in parts]
-        converted[ours] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
-    unexpected = sorted(k for k in state if k not in used and not _IGNORED_KEYS.match(k))
+    names = _hf_names(num_layers)
+    expected = {part for hf in names.values() for part in ((hf,) if isinstance(hf, str) else hf)}
+    missing = [name for name in expected if name not in state]
+    unexpected = [k for k in state if k not in expected and not _IGNORED_KEYS.match(k)]
     if missing or unexpected:
         lines = [f"checkpoint weights do not match a BERT encoder with {num_layers} layers:"]
         if missing:
-            lines.append(f"  missing ({len(missing)}): " + ", ".join(missing))
+            lines.append(f"  missing ({len(missing)}): " + ", ".join(sorted(missing)))
         if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(unexpected))
+            lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(sorted(unexpected)))
         raise CheckpointError("\n".join(lines))
+    converted: dict[str, Tensor] = {}
+    for ours, hf in names.items():
+        # q, k and v are stacked along the output dimension into one projection.
+        converted[ours] = state[hf] if isinstance(hf, str) else torch.cat([state[p] for p in hf])
     return converted
 
 
