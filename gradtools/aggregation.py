@@ -1,0 +1,230 @@
+"""Pure math on task gradients, expressed through their Gram matrix.
+
+PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning") replaces each
+task gradient g_i by g_i^PC: starting from g_i, it walks the other tasks j != i in
+a random order and, whenever the *current* g_i^PC conflicts with the *original*
+g_j (negative dot product), removes the component of g_i^PC along g_j:
+
+    g_i^PC <- g_i^PC - (<g_i^PC, g_j> / |g_j|^2) g_j
+
+Every g_i^PC therefore stays a linear combination of the original gradients,
+g_i^PC = sum_j C[i, j] g_j, and every dot product the algorithm needs is a
+combination of entries of the Gram matrix G[i, j] = <g_i, g_j>. This module maps
+a T x T Gram matrix (and the visiting orders) to the T x T coefficients C, so the
+caller never needs a flattened copy of the gradients: one pass builds G, one
+pass applies the weights sum_i C[i, :].
+
+Nothing here knows about autograd, parameters or devices; the functions take and
+return small tensors and are batched over leading dimensions (one Gram matrix
+per parameter tensor or per group, for instance).
+
+Numerics: the math runs in float64 on the correlation matrix R = D^-1 G D^-1
+(D = diag of gradient norms), in which every coefficient stays bounded by the
+number of tasks whatever the scale of each gradient; the norms come back only
+in the final ratios |g_i| / |g_j|. Gradients whose norm is zero (or so small
+that its square underflows) are treated as exactly zero: nothing is projected
+onto them, and their own coefficient row is the identity.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PCGradResult",
+    "Reduction",
+    "cosine_similarity",
+    "draw_orders",
+    "magnitude_similarity",
+    "pcgrad",
+    "pcgrad_weights",
+    "validate_orders",
+]
+
+Reduction = Literal["sum", "mean"]
+
+# Norms below this are treated as exact zeros: 1/n must stay far from overflow
+# when it multiplies a Gram entry (|G_ij| <= n_i n_j), and anything this small is
+# below every gradient a float32 or float64 model can hold anyway.
+_ZERO_NORM = 2.0**-500
+
+
+class PCGradResult(NamedTuple):
+    """Outcome of PCGrad on a (batch of) Gram matrices.
+
+    Attributes:
+        coefficients: ``[..., T, T]`` float64; row i gives g_i^PC as
+            ``sum_j coefficients[..., i, j] * g_j``. The diagonal is 1.
+        projected: ``[..., T, T]`` bool; ``projected[..., i, j]`` is True when task i
+            was projected onto the normal plane of task j (never on the diagonal).
+    """
+
+    coefficients: Tensor
+    projected: Tensor
+
+
+def draw_orders(num_tasks: int, generator: torch.Generator | None = None) -> Tensor:
+    """Draw, for each task i, a uniformly random order of the other tasks.
+
+    Returns a ``[T, T-1]`` int64 CPU tensor whose row i is a permutation of
+    ``{0..T-1} \\ {i}``: the order in which task i visits the others. A task is
+    never compared with itself.
+    """
+    if num_tasks < 1:
+        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+    if num_tasks == 1:
+        return torch.empty(1, 0, dtype=torch.int64)
+    # One uniform draw per (task, slot); sorting a row gives a uniform permutation
+    # of T-1 positions, which we map onto the other tasks by skipping i.
+    keys = torch.rand(num_tasks, num_tasks - 1, generator=generator, dtype=torch.float64)
+    slots = keys.argsort(dim=1)
+    tasks = torch.arange(num_tasks).unsqueeze(1)
+    return slots + (slots >= tasks).to(torch.int64)
+
+
+def validate_orders(orders: Tensor, num_tasks: int) -> None:
+    """Raise ``ValueError`` unless ``orders`` is ``[T, T-1]`` and row i permutes the tasks other than i."""
+    if orders.shape != (num_tasks, num_tasks - 1):
+        raise ValueError(
+            f"orders must have shape [{num_tasks}, {num_tasks - 1}] for {num_tasks} tasks, "
+            f"got {list(orders.shape)}"
+        )
+    if orders.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"orders must be an integer tensor, got {orders.dtype}")
+    rows = orders.tolist()
+    for i, row in enumerate(rows):
+        expected = [j for j in range(num_tasks) if j != i]
+        if sorted(row) != expected:
+            raise ValueError(
+                f"orders row {i} must be a permutation of the other tasks {expected}, got {row}"
+            )
+
+
+def _check_gram(gram: Tensor) -> None:
+    if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
+        raise ValueError(f"gram must have shape [..., T, T], got {list(gram.shape)}")
+    if gram.shape[-1] == 0:
+        raise ValueError("gram must describe at least one task (T >= 1)")
+    if gram.is_complex() or not gram.is_floating_point():
+        raise ValueError(f"gram must be a real floating-point tensor, got {gram.dtype}")
+    if not bool(torch.isfinite(gram).all()):
+        raise ValueError("gram contains non-finite entries (inf or NaN)")
+
+
+def _norms_and_correlation(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Split a float64 Gram matrix into gradient norms and the correlation matrix.
+
+    Returns ``(norms, nonzero, corr)``: ``norms[..., i] = |g_i|`` (0 for a gradient
+    treated as zero), ``nonzero`` the mask of the others, and ``corr[..., i, j]`` the
+    cosine of g_i and g_j clamped to [-1, 1] (0 where either gradient is zero, 1 on
+    the diagonal of non-zero gradients).
+    """
+    diag = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0.0)
+    norms = diag.sqrt()
+    nonzero = norms > _ZERO_NORM
+    norms = torch.where(nonzero, norms, torch.zeros_like(norms))
+    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, torch.ones_like(norms)), 0.0)
+    # Multiply one factor at a time so no intermediate leaves float64's range.
+    corr = (gram * inv.unsqueeze(-1)) * inv.unsqueeze(-2)
+    corr = corr.clamp(-1.0, 1.0)
+    eye = torch.eye(gram.shape[-1], dtype=torch.bool, device=gram.device)
+    corr = torch.where(eye, nonzero.unsqueeze(-1).to(corr.dtype), corr)
+    return norms, nonzero, corr
+
+
+def pcgrad(gram: Tensor, orders: Tensor) -> PCGradResult:
+    """PCGrad coefficients from the Gram matrix of the task gradients.
+
+    Args:
+        gram: ``[..., T, T]`` symmetric positive semi-definite Gram matrix
+            ``G[i, j] = <g_i, g_j>`` (any real dtype; computed in float64).
+        orders: ``[T, T-1]`` integer tensor; row i is the order in which task i
+            visits the other tasks (see :func:`draw_orders`). Shared by all the
+            batched Gram matrices.
+
+    Returns:
+        A :class:`PCGradResult` with float64 ``coefficients`` such that
+        ``g_i^PC = sum_j coefficients[..., i, j] * g_j``, and the ``projected`` mask.
+
+    Raises:
+        ValueError: on a malformed or non-finite ``gram`` or malformed ``orders``.
+    """
+    _check_gram(gram)
+    num_tasks = gram.shape[-1]
+    validate_orders(orders, num_tasks)
+    gram = gram.to(torch.float64)
+    norms, nonzero, corr = _norms_and_correlation(gram)
+
+    batch = gram.shape[:-2]
+    # basis[..., i, k]: coefficients of g_i^PC / |g_i| on the unit vectors u_k = g_k / |g_k|.
+    # Each projection removes at most the current vector's length (<= 1) along one
+    # unit vector, so these coefficients stay within [-T, T] at any gradient scale.
+    basis = torch.eye(num_tasks, dtype=torch.float64, device=gram.device).expand(
+        *batch, num_tasks, num_tasks
+    ).clone()
+    projected = torch.zeros(*batch, num_tasks, num_tasks, dtype=torch.bool, device=gram.device)
+    rows = torch.arange(num_tasks, device=gram.device)
+    order_cols = orders.to(device=gram.device, dtype=torch.int64)
+    # All tasks advance through their own orders in lockstep: at slot s, task i
+    # looks at task orders[i, s]. Each task's walk only touches its own row.
+    for slot in range(num_tasks - 1):
+        target = order_cols[:, slot]  # [T]
+        # <g_i^PC / |g_i|, u_target(i)> = sum_k basis[i, k] * corr[k, target(i)]
+        corr_to_target = corr[..., :, target].transpose(-1, -2)  # [..., T(i), T(k)]
+        dots = (basis * corr_to_target).sum(-1)  # [..., T]
+        conflict = (dots < 0) & nonzero[..., target] & nonzero
+        step = torch.where(conflict, dots, torch.zeros_like(dots))
+        basis[..., rows, target] = basis[..., rows, target] - step
+        projected[..., rows, target] = projected[..., rows, target] | conflict
+
+    # Back from unit vectors to the original gradients:
+    # C[i, j] = basis[i, j] * |g_i| / |g_j| (only for non-zero g_j; the diagonal is 1).
+    inv_norms = torch.where(
+        nonzero, 1.0 / torch.where(nonzero, norms, torch.ones_like(norms)), 0.0
+    )
+    coefficients = (basis * norms.unsqueeze(-1)) * inv_norms.unsqueeze(-2)
+    eye = torch.eye(num_tasks, dtype=torch.bool, device=gram.device)
+    coefficients = torch.where(eye, torch.ones_like(coefficients), coefficients)
+    return PCGradResult(coefficients, projected)
+
+
+def pcgrad_weights(gram: Tensor, orders: Tensor, reduction: Reduction = "sum") -> Tensor:
+    """Weights w with ``sum_i g_i^PC = sum_j w[..., j] g_j`` (``"sum"``) or that divided by T (``"mean"``).
+
+    Same arguments as :func:`pcgrad`; returns a float64 ``[..., T]`` tensor.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    weights = pcgrad(gram, orders).coefficients.sum(-2)
+    if reduction == "mean":
+        weights = weights / gram.shape[-1]
+    return weights
+
+
+def cosine_similarity(gram: Tensor) -> Tensor:
+    """Pairwise cosine similarities ``<g_i, g_j> / (|g_i| |g_j|)`` from a Gram matrix.
+
+    float64 ``[..., T, T]``; 0 where either gradient is zero, 1 on the diagonal
+    of non-zero gradients.
+    """
+    _check_gram(gram)
+    return _norms_and_correlation(gram.to(torch.float64))[2]
+
+
+def magnitude_similarity(gram: Tensor) -> Tensor:
+    """Gradient magnitude similarity Phi(g_i, g_j) = 2 |g_i| |g_j| / (|g_i|^2 + |g_j|^2).
+
+    From the PCGrad paper: 1 for equal norms, towards 0 as they diverge. float64
+    ``[..., T, T]``; defined as 1 when both gradients are zero.
+    """
+    _check_gram(gram)
+    norms = _norms_and_correlation(gram.to(torch.float64))[0]
+    # Written with the ratio r = small/large, Phi = 2r / (1 + r^2), so that
+    # neither the squares nor the product can overflow or underflow.
+    big = torch.maximum(norms.unsqueeze(-1), norms.unsqueeze(-2))
+    small = torch.minimum(norms.unsqueeze(-1), norms.unsqueeze(-2))
+    ratio = torch.where(big > 0, small / torch.where(big > 0, big, torch.ones_like(big)), 1.0)
+    return 2.0 * ratio / (1.0 + ratio * ratio)
