@@ -6,6 +6,7 @@ Public API only; each tool lives in its own module.
 from gradtools.adamw import AdamW
 from gradtools.divergences import bernoulli_symmetric_kl, divergence, squared_error, symmetric_kl
 from gradtools.dropout_policy import capture_rng_state
+from gradtools.pcgrad import PCGrad, PCGradStats
 from gradtools.smart import SMART
 from gradtools.teacher import MomentumTeacher
 
@@ -13,6 +14,8 @@ __all__ = [
     "SMART",
     "AdamW",
     "MomentumTeacher",
+    "PCGrad",
+    "PCGradStats",
     "bernoulli_symmetric_kl",
     "capture_rng_state",
     "divergence",
