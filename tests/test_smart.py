@@ -397,3 +397,30 @@ def test_through_bert_demo_position_and_type_embeddings_are_added_once() -> None
         delta = seen - embeds.detach()
         assert (delta[mask == 0] == 0).all()
         assert delta.abs().max() <= 1e-3 + seen.abs().max() * 2.0**-23
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_replay_and_autocast_keep_delta_in_float32() -> None:
+    device = torch.device("cuda")
+    model = _model(14, dropout=0.3).to(device)
+    embeds = torch.randn(4, 5, 6, device=device)
+    mask = torch.tensor([[1] * 5, [1] * 4 + [0], [1] * 2 + [0] * 3, [1] * 5], device=device)
+    rng = capture_rng_state(device)
+    clean = model(embeds, mask)
+    exact = SMART(epsilon=0.0, noise_std=0.0, steps=2, dropout="replay")
+    assert exact(lambda e: model(e, mask), embeds, clean, mask=mask, rng_state=rng).item() == 0.0
+
+    recorder = Recorder(lambda e: model(e, mask))  # type: ignore[arg-type]
+    half = embeds.to(torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        clean = model(half, mask)
+        r_s = SMART()(recorder, half, clean, mask=mask)
+    assert r_s.dtype == torch.float32 and math.isfinite(r_s.item())
+    final = recorder.inputs[-1]
+    assert final.dtype == torch.float32
+    delta = final - half.float()
+    assert delta.abs().max() > 0
+    assert (delta[mask == 0] == 0).all()
+    assert (delta.abs() <= 1e-5 + final.abs() * 2.0**-24).all()
+    r_s.backward()
+    assert all(p.grad is not None for p in model.layer.parameters())

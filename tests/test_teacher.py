@@ -30,7 +30,7 @@ def _student(seed: int = 0, dropout: float = 0.0, dtype: torch.dtype = torch.flo
 def _fake_optimizer_step(model: nn.Module, gen: torch.Generator) -> None:
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device))
         model.get_buffer("steps_seen").add_(1)
 
 
@@ -190,3 +190,19 @@ def test_dropout_policy_of_the_teacher_pass() -> None:
     assert not torch.equal(keep.outputs(lambda m: m(x)), keep.outputs(lambda m: m(x)))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rng_state="):
         MomentumTeacher(noisy, total_steps=10, dropout="replay").outputs(lambda m: m(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_ema_and_replayed_teacher_pass() -> None:
+    device = torch.device("cuda")
+    student = _student(10, dropout=0.5).to(device)
+    teacher = MomentumTeacher(student, total_steps=10, dropout="replay")
+    x = torch.randn(8, 5, device=device)
+    rng = capture_rng_state(device)
+    out = student(x)
+    assert teacher.bregman(lambda m: m(x), out, rng_state=rng).item() == 0.0
+    expected = [p.detach().clone() for p in teacher.module.parameters()]
+    _fake_optimizer_step(student, torch.Generator(device=device).manual_seed(0))
+    teacher.update(student)
+    for t, e, s in zip(teacher.module.parameters(), expected, student.parameters(), strict=True):
+        assert torch.allclose(t, 0.99 * e + 0.01 * s.detach(), rtol=1e-6, atol=1e-7)
