@@ -1,0 +1,455 @@
+"""The multitask training loop: one batch of every task per step, as in the paper.
+
+Each step draws one batch per task (the order is a pure function of seed and step,
+see :mod:`bert_demo.batching`), computes each task's loss (plus SMART's adversarial
+and Bregman terms with ``smart``), and either sums the losses or hands them to
+PCGrad, which removes conflicting components before the optimizer step.
+
+A run lives in one folder::
+
+    config.json      the TrainConfig (``--resume`` reads it back)
+    checkpoint.pt    model, optimizer (PCGrad included), schedule, teacher, RNG, step
+    metrics.jsonl    one JSON line per logged window of steps and per dev evaluation
+    final.json       dev metrics and wall time once the run has finished
+
+Checkpoints are written atomically at every epoch end, when training finishes and
+on Ctrl-C (the step in flight completes first; a second Ctrl-C aborts at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from bert_demo.batching import (
+    Example,
+    batch_indices,
+    batches_per_pass,
+    example_length,
+    make_batch,
+)
+from bert_demo.config import TrainConfig
+from bert_demo.data import find_data_dir
+from bert_demo.datasets import DEV_FILES, TRAIN_FILES, load_split
+from bert_demo.evaluate import evaluate
+from bert_demo.model import BertConfig, BertModel, load_pretrained, resolve_model_path
+from bert_demo.multitask import TASKS, MultitaskBert, task_loss
+from bert_demo.optim import make_optimizer, make_schedule, wrap_pcgrad
+from bert_demo.regularization import SmartTerms
+from bert_demo.tokenizer import WordPieceTokenizer
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+FINAL = "final.json"
+CHECKPOINT_FORMAT = 1
+
+
+class RunDirError(RuntimeError):
+    """The output folder does not fit what was asked (an existing run, nothing to resume)."""
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``None``: cuda when present, else cpu. A named cuda device must exist."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def build_model(config: TrainConfig) -> MultitaskBert:
+    """The pretrained encoder (with the config's dropout) under freshly initialised heads."""
+    encoder = load_pretrained(
+        config.model,
+        hidden_dropout_prob=config.encoder_dropout,
+        attention_probs_dropout_prob=config.encoder_dropout,
+    )
+    return MultitaskBert(encoder, config.head_settings())
+
+
+def load_trained(
+    run: str | os.PathLike[str], device: torch.device | str = "cpu"
+) -> tuple[MultitaskBert, WordPieceTokenizer, TrainConfig]:
+    """Model, tokenizer and config of a run folder (or a checkpoint.pt path)."""
+    path = Path(run)
+    checkpoint_path = path / CHECKPOINT if path.is_dir() else path
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint_path}")
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    _check_format(state, checkpoint_path)
+    config = TrainConfig.from_dict(json.loads(state["config"]))
+    encoder = BertModel(BertConfig(**json.loads(state["encoder_config"])))
+    model = MultitaskBert(encoder, config.head_settings())
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    tokenizer = WordPieceTokenizer.from_folder(resolve_model_path(config.model))
+    return model, tokenizer, config
+
+
+def _check_format(state: Any, path: Path) -> None:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a bert_demo checkpoint (format {CHECKPOINT_FORMAT})")
+
+
+def steps_per_epoch(config: TrainConfig, train_sets: dict[str, list[Example]]) -> int:
+    if config.steps_per_epoch is not None:
+        return config.steps_per_epoch
+    return max(batches_per_pass(len(train_sets[t]), config.batch_size(t)) for t in config.tasks)
+
+
+def total_steps(config: TrainConfig, per_epoch: int) -> int:
+    steps = config.epochs * per_epoch
+    return steps if config.max_steps is None else min(steps, config.max_steps)
+
+
+class _Interrupt:
+    """Turns the first Ctrl-C into a flag checked between steps; the second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again aborts)")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Interrupt]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class Trainer:
+    """One training run in one folder. ``run()`` trains to the end (or to a Ctrl-C)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out_dir: str | os.PathLike[str],
+        *,
+        resume: bool = False,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.out = Path(out_dir)
+        self.device = resolve_device(None if device is None else str(device))
+        self.progress = progress
+        self.on_step = on_step
+        self._prepare_run_dir(resume)
+
+        torch.manual_seed(config.seed)
+        data_dir = find_data_dir(config.data)
+        self.train_sets = load_split(
+            data_dir, config.tasks, TRAIN_FILES, config.max_train_examples, random_subset=True
+        )
+        self.dev_sets = load_split(
+            data_dir, TASKS, DEV_FILES, config.max_eval_examples, random_subset=False
+        )
+        self.lengths = {t: [example_length(e) for e in ex] for t, ex in self.train_sets.items()}
+        self.tokenizer = WordPieceTokenizer.from_folder(resolve_model_path(config.model))
+        self.model = build_model(config).to(self.device)
+        self.per_epoch = steps_per_epoch(config, self.train_sets)
+        self.total = total_steps(config, self.per_epoch)
+
+        if config.mode == "pretrain":
+            for p in self.model.encoder.parameters():
+                p.requires_grad_(False)
+        self.pcgrad_generator = torch.Generator().manual_seed(config.seed)
+        self.optimizer = self._make_optimizer()
+        self.schedule = make_schedule(self.optimizer, config.schedule, self.total, config.warmup)
+        self.smart = SmartTerms(config, self.model, self.total) if config.smart else None
+
+        self.step = 0
+        self.elapsed = 0.0
+        self.last_metrics: dict[str, float] = {}
+        if resume:
+            self._load_checkpoint()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _prepare_run_dir(self, resume: bool) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint, saved_config = self.out / CHECKPOINT, self.out / CONFIG
+        if resume:
+            if not checkpoint.is_file():
+                raise RunDirError(f"--resume: {checkpoint} does not exist; nothing to resume")
+            saved = TrainConfig.load(saved_config)
+            if saved != self.config:
+                changed = sorted(
+                    k for k, v in saved.to_dict().items() if self.config.to_dict()[k] != v
+                )
+                raise RunDirError(
+                    f"--resume: settings differ from the run in {self.out} ({', '.join(changed)}); "
+                    "a resumed run keeps its settings"
+                )
+        else:
+            if checkpoint.exists():
+                raise RunDirError(
+                    f"{self.out} already holds a run ({CHECKPOINT}); pass --resume to continue "
+                    "it or choose another --out"
+                )
+            for name in (METRICS, FINAL):
+                (self.out / name).unlink(missing_ok=True)
+            self.config.save(saved_config)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        config = self.config
+        head_lr = config.head_lr if config.head_lr is not None else config.lr
+        groups: list[dict[str, Any]] = [{"params": self.model.head_parameters(), "lr": head_lr}]
+        if config.mode == "finetune":
+            groups.insert(0, {"params": list(self.model.encoder.parameters()), "lr": config.lr})
+        optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
+        if config.pcgrad:
+            optimizer = wrap_pcgrad(optimizer, self.pcgrad_generator)
+        return optimizer
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "pcgrad": self.pcgrad_generator.get_state(),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            # JSON strings: plain data that torch.load(weights_only=True) accepts.
+            "config": json.dumps(self.config.to_dict()),
+            "encoder_config": json.dumps(asdict(self.model.encoder.config)),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "smart": None if self.smart is None else self.smart.state_dict(),
+            "step": self.step,
+            "elapsed_s": self.elapsed,
+            "metrics": json.dumps(self.last_metrics),
+            "rng": rng,
+        }
+
+    def save_checkpoint(self) -> Path:
+        path = self.out / CHECKPOINT
+        _atomic_torch_save(self._checkpoint_state(), path)
+        return path
+
+    def _load_checkpoint(self) -> None:
+        path = self.out / CHECKPOINT
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        _check_format(state, path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.smart is not None:
+            self.smart.load_state_dict(state["smart"])
+        self.step = int(state["step"])
+        self.elapsed = float(state["elapsed_s"])
+        self.last_metrics = json.loads(state["metrics"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.pcgrad_generator.set_state(state["rng"]["pcgrad"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    # ------------------------------------------------------------------ the step
+
+    def training_step(self) -> dict[str, float]:
+        """One optimizer step on one batch of every task; returns the losses and stats."""
+        config, model = self.config, self.model
+        model.train()
+        stats: dict[str, float] = {}
+        losses: list[Tensor] = []
+        for task in config.tasks:
+            examples = self.train_sets[task]
+            rows = batch_indices(
+                self.lengths[task], config.batch_size(task), self.step, config.seed, task,
+                config.length_buckets,
+            )
+            batch = make_batch(
+                task,
+                [examples[i] for i in rows],
+                self.tokenizer,
+                config.max_length,
+                model.separate_pairs,
+                sts_aug=config.sts_aug,
+            ).to(self.device)
+            assert batch.labels is not None  # training files are labeled
+            embeds = model.embed(batch.input_ids, batch.token_type_ids)
+            output = model.forward_from_embeddings(task, embeds, batch.attention_mask)
+            loss = task_loss(task, output, batch.labels)
+            stats[f"loss_{task}"] = loss.item()
+            if self.smart is not None:
+                extra, smart_stats = self.smart.terms(task, batch, embeds, output)
+                loss = loss + extra
+                stats.update({f"{k}_{task}": v for k, v in smart_stats.items()})
+            losses.append(loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        if config.pcgrad:
+            self.optimizer.backward(losses)  # type: ignore[attr-defined]
+        else:
+            torch.stack(losses).sum().backward()
+        self.optimizer.step()
+        self.schedule.step()
+        if self.smart is not None:
+            self.smart.after_step(model)
+        self.step += 1
+        return stats
+
+    # ------------------------------------------------------------------ the loop
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(
+            self.model,
+            self.dev_sets,
+            self.tokenizer,
+            self.config.max_length,
+            self.config.eval_batch_size,
+            self.device,
+        )
+
+    def _log_eval(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.last_metrics = metrics
+        _append_jsonl(
+            self.out / METRICS,
+            {"event": "eval", "step": self.step, "epoch": self.step / self.per_epoch,
+             "elapsed_s": round(self.elapsed, 1), **metrics},
+        )
+        return metrics
+
+    def run(self) -> dict[str, Any]:
+        """Train to the last step; returns final.json's content (or raises KeyboardInterrupt)."""
+        config = self.config
+        interrupt = _Interrupt()
+        window: dict[str, list[float]] = {}
+        running: dict[str, float] = {}
+        bar = tqdm(total=self.total, initial=self.step, disable=not self.progress,
+                   desc=f"train {self.out.name}", dynamic_ncols=True)
+        started = time.perf_counter() - self.elapsed
+        in_step = False
+        with interrupt.installed():
+            try:
+                while self.step < self.total:
+                    in_step = True
+                    stats = self.training_step()
+                    in_step = False
+                    self.elapsed = time.perf_counter() - started
+                    for key, value in stats.items():
+                        window.setdefault(key, []).append(value)
+                        if key.startswith("loss_"):
+                            # Exponential average for the bar: readable, not jumpy.
+                            old = running.get(key, value)
+                            running[key] = 0.9 * old + 0.1 * value
+                    bar.update(1)
+                    bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in running.items()})
+                    if self.step % config.log_every == 0 or self.step == self.total:
+                        _append_jsonl(self.out / METRICS, self._train_record(window))
+                        window = {}
+                    if self.step % self.per_epoch == 0 or self.step == self.total:
+                        metrics = self._log_eval()
+                        self.elapsed = time.perf_counter() - started
+                        bar.write(f"step {self.step}: " + _format_metrics(metrics))
+                        self.save_checkpoint()
+                    if self.on_step is not None:
+                        self.on_step(self.step)
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                bar.close()
+                if in_step:
+                    # Aborted inside a step: the model may be half updated, so keep the
+                    # last checkpoint as it is.
+                    print(f"aborted during step {self.step + 1}; {CHECKPOINT} keeps the last save")
+                    raise
+                self.elapsed = time.perf_counter() - started
+                path = self.save_checkpoint()
+                print(f"saved {path} at step {self.step}; continue with --resume")
+                raise
+        bar.close()
+        final = {
+            "step": self.step,
+            "epochs": self.step / self.per_epoch,
+            "wall_s": round(self.elapsed, 1),
+            "dev": self.last_metrics,
+            "config": config.to_dict(),
+        }
+        tmp = self.out / (FINAL + ".tmp")
+        tmp.write_text(json.dumps(final, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.out / FINAL)
+        return final
+
+    def _train_record(self, window: dict[str, list[float]]) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "event": "train",
+            "step": self.step,
+            "epoch": self.step / self.per_epoch,
+            "lr": self.schedule.get_last_lr()[0],
+            "elapsed_s": round(self.elapsed, 1),
+        }
+        for key, values in window.items():
+            finite = [v for v in values if math.isfinite(v)]
+            record[key] = sum(finite) / len(finite) if finite else math.nan
+        pcgrad_stats = getattr(self.optimizer, "stats", None)
+        if isinstance(pcgrad_stats, dict):
+            record.update({f"pcgrad_{k}": _plain(v) for k, v in pcgrad_stats.items()})
+        return record
+
+
+def _plain(value: Any) -> Any:
+    """Tensors and numbers from optimizer stats as JSON values."""
+    if isinstance(value, Tensor):
+        return value.tolist()
+    return value
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` into ``out_dir``; see :class:`Trainer`."""
+    trainer = Trainer(
+        config, out_dir, resume=resume, device=device, progress=progress, on_step=on_step
+    )
+    return trainer.run()
