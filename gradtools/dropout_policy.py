@@ -72,6 +72,19 @@ def _restore(state: RngState) -> None:
         torch.cuda.set_rng_state(state.device_state, state.device)
 
 
+def check_rng_device(rng_state: RngState | None, device: torch.device) -> None:
+    """Refuse a replay state that lacks the random state of the device the passes run on."""
+    if rng_state is None or device.type != "cuda":
+        return
+    if rng_state.device is None or rng_state.device.index != (
+        device.index if device.index is not None else torch.cuda.current_device()
+    ):
+        raise ValueError(
+            f"rng_state holds no random state for {device}, where dropout runs: "
+            f"capture it with capture_rng_state({str(device)!r})"
+        )
+
+
 def check_policy(policy: str) -> None:
     if policy not in DROPOUT_POLICIES:
         raise ValueError(f"dropout must be one of {DROPOUT_POLICIES}, got {policy!r}")

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from gradtools.divergences import Kinds, Outputs, output_divergences, output_keys, regroup
-from gradtools.dropout_policy import RngState, check_policy, extra_pass
+from gradtools.dropout_policy import RngState, check_policy, check_rng_device, extra_pass
 
 NormKind = Literal["inf-token", "inf-example", "l2-token", "l2-example"]
 NORMS: tuple[str, ...] = ("inf-token", "inf-example", "l2-token", "l2-example")
@@ -304,6 +304,8 @@ class SMART:
                 f"embeddings must be [B, ..., H], got shape {list(embeddings.shape)}"
             )
         keep = self._token_mask(embeddings, mask)
+        if self.dropout == "replay":
+            check_rng_device(rng_state, embeddings.device)
         work_dtype = torch.promote_types(embeddings.dtype, torch.float32)
         base = embeddings.detach().to(work_dtype)
         reference = _detach_outputs(clean_outputs)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from gradtools.divergences import Kinds, Outputs, output_divergences, output_keys, regroup
-from gradtools.dropout_policy import RngState, check_policy, extra_pass
+from gradtools.dropout_policy import RngState, check_policy, check_rng_device, extra_pass
 
 
 @dataclass
@@ -181,6 +181,10 @@ class MomentumTeacher:
         if not callable(forward):
             raise TypeError(f"forward must be callable, got {type(forward).__name__}")
         policy_module = self.module if self.dropout == "off" else None
+        if self.dropout == "replay":
+            first = next(self.module.parameters(), None)
+            if first is not None:
+                check_rng_device(rng_state, first.device)
         with torch.no_grad(), extra_pass(self.dropout, policy_module, rng_state):
             return forward(self.module)
 

@@ -409,6 +409,8 @@ def test_on_cuda_replay_and_autocast_keep_delta_in_float32() -> None:
     clean = model(embeds, mask)
     exact = SMART(epsilon=0.0, noise_std=0.0, steps=2, dropout="replay")
     assert exact(lambda e: model(e, mask), embeds, clean, mask=mask, rng_state=rng).item() == 0.0
+    with pytest.raises(ValueError, match="capture_rng_state"):  # a CPU-only state cannot replay CUDA masks
+        exact(lambda e: model(e, mask), embeds, clean, mask=mask, rng_state=capture_rng_state())
 
     recorder = Recorder(lambda e: model(e, mask))  # type: ignore[arg-type]
     half = embeds.to(torch.bfloat16)
