@@ -162,9 +162,11 @@ def pcgrad(gram: Tensor, orders: Tensor) -> PCGradResult:
     # basis[..., i, k]: coefficients of g_i^PC / |g_i| on the unit vectors u_k = g_k / |g_k|.
     # Each projection removes at most the current vector's length (<= 1) along one
     # unit vector, so these coefficients stay within [-T, T] at any gradient scale.
-    basis = torch.eye(num_tasks, dtype=torch.float64, device=gram.device).expand(
-        *batch, num_tasks, num_tasks
-    ).clone()
+    basis = (
+        torch.eye(num_tasks, dtype=torch.float64, device=gram.device)
+        .expand(*batch, num_tasks, num_tasks)
+        .clone()
+    )
     projected = torch.zeros(*batch, num_tasks, num_tasks, dtype=torch.bool, device=gram.device)
     rows = torch.arange(num_tasks, device=gram.device)
     order_cols = orders.to(device=gram.device, dtype=torch.int64)
@@ -182,9 +184,7 @@ def pcgrad(gram: Tensor, orders: Tensor) -> PCGradResult:
 
     # Back from unit vectors to the original gradients:
     # C[i, j] = basis[i, j] * |g_i| / |g_j| (only for non-zero g_j; the diagonal is 1).
-    inv_norms = torch.where(
-        nonzero, 1.0 / torch.where(nonzero, norms, torch.ones_like(norms)), 0.0
-    )
+    inv_norms = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, torch.ones_like(norms)), 0.0)
     coefficients = (basis * norms.unsqueeze(-1)) * inv_norms.unsqueeze(-2)
     eye = torch.eye(num_tasks, dtype=torch.bool, device=gram.device)
     coefficients = torch.where(eye, torch.ones_like(coefficients), coefficients)

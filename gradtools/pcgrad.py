@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 
 from gradtools.aggregation import (
@@ -120,6 +121,11 @@ class PCGrad(Optimizer):
             visiting orders are broadcast from the group's first rank. Do not let
             DistributedDataParallel reduce gradients too: run the forward passes and
             ``backward()`` under ``ddp_model.no_sync()``, or do not wrap the model.
+        gradient_buckets: keep the per-task gradients of the shared parameters side
+            by side in one tensor per device and dtype (like DDP's buckets), so the
+            Gram matrix and the combination take a handful of kernel launches
+            instead of several per parameter. ``None`` (default): on when the
+            parameters live on a CUDA device. Only with ``granularity="all"``.
     """
 
     # Per-step accumulation state (reset by zero_grad() and step()).
@@ -130,6 +136,7 @@ class PCGrad(Optimizer):
     _pending_combine: bool
     _nonfinite_tasks: tuple[int, ...]
     _synced: bool  # per-task gradients already averaged across ranks
+    _buckets: dict[Tensor, _Bucket]  # bucketed shared parameter -> its bucket
 
     def __init__(
         self,
@@ -140,6 +147,7 @@ class PCGrad(Optimizer):
         shared_params: Iterable[Tensor] | None = None,
         granularity: Granularity = "all",
         process_group: dist.ProcessGroup | None = None,
+        gradient_buckets: bool | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -150,9 +158,7 @@ class PCGrad(Optimizer):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         if granularity not in ("all", "group", "tensor"):
-            raise ValueError(
-                f"granularity must be 'all', 'group' or 'tensor', got {granularity!r}"
-            )
+            raise ValueError(f"granularity must be 'all', 'group' or 'tensor', got {granularity!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"generator must be a torch.Generator or None, got {type(generator).__name__}"
@@ -172,6 +178,7 @@ class PCGrad(Optimizer):
         self.reduction: Reduction = reduction
         self.granularity: Granularity = granularity
         self.process_group = process_group
+        self.gradient_buckets = gradient_buckets
         if generator is None:
             generator = torch.Generator()
             generator.manual_seed(int(torch.randint(0, 2**62, ()).item()))
@@ -221,10 +228,7 @@ class PCGrad(Optimizer):
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
-        return (
-            f"PCGrad(reduction={self.reduction!r}, granularity={self.granularity!r},\n"
-            f"{inner}\n)"
-        )
+        return f"PCGrad(reduction={self.reduction!r}, granularity={self.granularity!r},\n{inner}\n)"
 
     def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -316,7 +320,8 @@ class PCGrad(Optimizer):
             ValueError / TypeError: on an empty list, a non-tensor or non-scalar
                 loss, a loss that does not require grad or reaches no parameter of
                 the optimizer, losses on different devices, or a number of losses
-                that differs from the previous ``backward()`` of this step.
+                that differs from the previous ``backward()`` of this step. Nothing
+                has been backpropagated when these are raised.
         """
         losses = self._check_losses(losses)
         if self._num_tasks is not None and len(losses) != self._num_tasks:
@@ -331,67 +336,95 @@ class PCGrad(Optimizer):
                 "micro-batch, or call step()/zero_grad() first"
             )
         params = self._params()
+        with record_function("PCGrad.graph_analysis"):
+            needed_later, reached = _analyse_graphs(losses)
+        in_optimizer = set(params)
+        for task, leaves in enumerate(reached):
+            if not leaves & in_optimizer:
+                raise ValueError(
+                    f"losses[{task}] reaches no parameter of the optimizer (task {task}); "
+                    "check that its graph uses the model's parameters"
+                )
+        retain = needed_later if retain_graph is None else [retain_graph] * len(losses)
+
         if self._num_tasks is None:
-            # Start of a step: gradients already in .grad (none after zero_grad())
-            # are kept aside and added to the combined gradient unchanged.
-            self._num_tasks = len(losses)
-            self._task_grads = [{} for _ in losses]
-            self._base_grads = {}
-            for p in params:
-                if p.grad is not None:
-                    self._base_grads[p] = p.grad
-                    p.grad = None
-            self._orders = self._draw_orders(len(losses))
+            self._start_step(losses, params, reached)
         else:
             # .grad holds the combination of the previous call; recomputed below.
             for p in params:
                 p.grad = None
-
-        if retain_graph is None:
-            retain = _graphs_needed_later(losses)
-        else:
-            retain = [retain_graph] * len(losses)
         try:
             for task, loss in enumerate(losses):
-                self._backward_one(task, loss, params, retain[task])
+                with record_function(f"PCGrad.backward_task{task}"):
+                    self._backward_one(task, loss, params, reached[task], retain[task])
         except BaseException:
             # The per-task sums are now partial: drop them rather than step on them.
-            self._restore_base_grads(params)
+            for p in params:
+                p.grad = self._base_grads.get(p)
             self._reset_accumulation()
             raise
         self._pending_combine = True
         if combine:
-            self._combine()
+            with record_function("PCGrad.surgery"):
+                self._combine()
 
-    def _backward_one(self, task: int, loss: Tensor, params: list[Tensor], retain: bool) -> None:
+    def _start_step(
+        self, losses: list[Tensor], params: list[Tensor], reached: list[set[Tensor]]
+    ) -> None:
+        """Set up the per-task storage for a new step."""
+        num_tasks = len(losses)
+        self._num_tasks = num_tasks
+        self._task_grads = [{} for _ in losses]
+        # Gradients already in .grad (none after zero_grad()) are kept aside and
+        # added to the combined gradient unchanged.
+        self._base_grads = {}
+        for p in params:
+            if p.grad is not None:
+                self._base_grads[p] = p.grad
+                p.grad = None
+        self._orders = self._draw_orders(num_tasks)
+        self._buckets = {}
+        if self._bucket_mode(params) and num_tasks > 1:
+            self._buckets = _Bucket.for_shared(params, reached, num_tasks, self._explicit_shared)
+
+    def _bucket_mode(self, params: list[Tensor]) -> bool:
+        if self.granularity != "all":
+            return False  # per-tensor/per-group Gram matrices need per-tensor storage
+        if self.gradient_buckets is not None:
+            return self.gradient_buckets
+        return any(p.device.type == "cuda" for p in params)
+
+    def _backward_one(
+        self, task: int, loss: Tensor, params: list[Tensor], reached: set[Tensor], retain: bool
+    ) -> None:
         grads = self._task_grads[task]
-        # Hand autograd this task's running sum so that it accumulates in place;
-        # on the first call there is none and autograd's fresh tensor is taken as is.
-        versions: dict[Tensor, int] = {}
-        for p, running in grads.items():
-            p.grad = running
-            versions[p] = running._version
+        # Hand autograd this task's running sums (or, for bucketed parameters, its
+        # row of the bucket) so that it accumulates in place. Elsewhere, on the
+        # first call, autograd's fresh gradient tensor is taken as is (no copy).
+        for p, bucket in self._buckets.items():
+            if p in reached and p not in grads:
+                grads[p] = bucket.view(task, p)
+                bucket.tasks.add(task)
+        for p, accumulator in grads.items():
+            p.grad = accumulator
         loss.backward(retain_graph=retain)
-        reached = False
         for p in params:
             g = p.grad
             if g is None:
                 continue
+            p.grad = None
             if g.is_sparse:
-                p.grad = None
                 raise TypeError(
                     f"losses[{task}] produced a sparse gradient; PCGrad needs dense gradients "
                     "(use nn.Embedding(sparse=False))"
                 )
-            if p not in versions or g._version != versions[p] or g is not grads.get(p):
-                reached = True
-            grads[p] = g
-            p.grad = None
-        if not reached:
-            raise ValueError(
-                f"losses[{task}] reaches no parameter of the optimizer (task {task}); "
-                "check that its graph uses the model's parameters"
-            )
+            running = grads.get(p)
+            if running is not None and g is not running:
+                # Autograd replaced the tensor instead of adding in place (it does so
+                # only in unusual cases); keep our storage the one that holds the sum.
+                running.copy_(g)
+            elif running is None:
+                grads[p] = g
 
     # ------------------------------------------------------------------ surgery
 
@@ -404,47 +437,65 @@ class PCGrad(Optimizer):
         if self.process_group is not None:
             self._average_across_ranks(params)
         shared, specific = self._split_shared(params)
-        blocks = _gram_blocks(self._task_grads, shared + specific, num_tasks)
-        shared_blocks = blocks[: len(shared)]
+        buckets = list({id(b): b for b in self._buckets.values()}.values())
+        loose_shared = [p for p in shared if p not in self._buckets]
+        # Gram blocks: one per bucket, then one per remaining tensor.
+        items = [b.gram_item() for b in buckets] + [
+            self._gram_item(p) for p in loose_shared + specific
+        ]
+        with record_function("PCGrad.gram"):
+            blocks = _gram_blocks(items, num_tasks)
+        num_shared_items = len(buckets) + len(loose_shared)
+        shared_blocks = blocks[:num_shared_items]
 
         diag = blocks.diagonal(dim1=-2, dim2=-1)
-        nonfinite = tuple(
-            t for t in range(num_tasks) if not bool(torch.isfinite(diag[:, t]).all())
-        )
+        nonfinite = tuple(t for t in range(num_tasks) if not bool(torch.isfinite(diag[:, t]).all()))
         self._nonfinite_tasks = nonfinite
         scale = 1.0 / num_tasks if self.reduction == "mean" else 1.0
         if nonfinite:
             # No surgery on inf/NaN: write the plain combination, which keeps the
             # non-finite values where a GradScaler's inf check will find them.
-            block_weights = torch.full((1, num_tasks), scale, dtype=torch.float64)
-            block_of = [0] * len(shared)
+            weights = torch.full((1, num_tasks), scale, dtype=torch.float64)
+            block_of: dict[Tensor, int] = dict.fromkeys(shared, 0)
             self._stats = _nonfinite_stats(self._orders, len(shared), nonfinite)
         else:
-            grouped, block_of = self._group_blocks(shared, shared_blocks)
-            result = pcgrad(grouped, self._orders)
-            block_weights = result.coefficients.sum(-2) * scale
-            self._stats = _stats(
-                shared_blocks.sum(0),
-                result.projected,
-                block_weights,
-                self._orders,
-                len(shared),
-                squeeze=self.granularity == "all",
-            )
+            with record_function("PCGrad.weights"):
+                grouped, block_of = self._group_blocks(loose_shared, shared_blocks)
+                result = pcgrad(grouped, self._orders)
+                weights = result.coefficients.sum(-2) * scale
+                self._stats = _stats(
+                    shared_blocks.sum(0),
+                    result.projected,
+                    weights,
+                    self._orders,
+                    len(shared),
+                    squeeze=self.granularity == "all",
+                )
 
-        weights_host = block_weights.tolist()
-        for p, g, fresh in self._combined_grads(shared, block_of, weights_host, scale, specific):
-            base = self._base_grads.get(p)
-            if base is not None:
-                # Never add into a task's own running sum: it may accumulate again.
-                g = g.add_(base) if fresh else g + base
-            p.grad = g
-        for p, base in self._base_grads.items():
-            if p.grad is None:
-                p.grad = base
+        weights_host: list[list[float]] = weights.tolist()
+        with record_function("PCGrad.weighted_sum"):
+            combined: list[tuple[Tensor, Tensor, bool]] = []
+            for bucket in buckets:
+                combined += bucket.combine(weights_host[0])
+            combined += self._combined_grads(loose_shared, block_of, weights_host, scale, specific)
+            for p, g, fresh in combined:
+                base = self._base_grads.get(p)
+                if base is not None:
+                    # Never add into a task's own running sum: it may accumulate again.
+                    g = g.add_(base) if fresh else g + base
+                p.grad = g
+            for p, base in self._base_grads.items():
+                if p.grad is None:
+                    p.grad = base
         self._pending_combine = False
         if self.process_group is not None:
             self._synced = True
+
+    def _gram_item(self, p: Tensor) -> _GramItem:
+        vectors = [
+            (t, grads[p].reshape(-1)) for t, grads in enumerate(self._task_grads) if p in grads
+        ]
+        return _GramItem(vectors, p.numel())
 
     def _split_shared(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Shared parameters (projected over) and the others that some task reached."""
@@ -461,65 +512,74 @@ class PCGrad(Optimizer):
             if self._explicit_shared is not None:
                 is_shared = id(p) in self._explicit_shared
             else:
-                is_shared = count >= 2
+                is_shared = count >= 2 or p in self._buckets
             (shared if is_shared else specific).append(p)
         return shared, specific
 
-    def _group_blocks(self, shared: list[Tensor], blocks: Tensor) -> tuple[Tensor, list[int]]:
-        """Sum per-tensor Gram blocks into the blocks the surgery runs on.
+    def _group_blocks(
+        self, loose_shared: list[Tensor], blocks: Tensor
+    ) -> tuple[Tensor, dict[Tensor, int]]:
+        """Sum the shared Gram blocks into the blocks the surgery runs on.
 
-        Returns the ``[B, T, T]`` Gram matrices and, for each shared tensor, the
-        index of its block.
+        ``blocks`` holds one block per bucket followed by one per tensor of
+        ``loose_shared`` (buckets only exist with granularity ``"all"``). Returns
+        the ``[B, T, T]`` Gram matrices and the block index of each loose tensor.
         """
         num_tasks = blocks.shape[-1]
-        if self.granularity == "tensor" and shared:
-            return blocks, list(range(len(shared)))
-        if self.granularity == "group" and shared:
+        if self.granularity == "tensor" and loose_shared:
+            return blocks, {p: k for k, p in enumerate(loose_shared)}
+        if self.granularity == "group" and loose_shared:
             group_of = {}
             for index, group in enumerate(self.param_groups):
                 for p in group["params"]:
                     group_of[p] = index
-            used = sorted({group_of[p] for p in shared})
+            used = sorted({group_of[p] for p in loose_shared})
             position = {g: i for i, g in enumerate(used)}
-            block_of = [position[group_of[p]] for p in shared]
+            block_of = {p: position[group_of[p]] for p in loose_shared}
             grouped = torch.zeros(len(used), num_tasks, num_tasks, dtype=torch.float64)
-            grouped.index_add_(0, torch.tensor(block_of, dtype=torch.int64), blocks)
+            rows = torch.tensor([block_of[p] for p in loose_shared], dtype=torch.int64)
+            grouped.index_add_(0, rows, blocks)
             return grouped, block_of
-        return blocks.sum(0, keepdim=True), [0] * len(shared)
+        return blocks.sum(0, keepdim=True), dict.fromkeys(loose_shared, 0)
 
     def _combined_grads(
         self,
         shared: list[Tensor],
-        block_of: list[int],
+        block_of: dict[Tensor, int],
         weights: list[list[float]],
         scale: float,
         specific: list[Tensor],
-    ) -> Iterable[tuple[Tensor, Tensor, bool]]:
-        """Yield ``(param, combined gradient, is_fresh_tensor)`` for every parameter some task reached."""
+    ) -> list[tuple[Tensor, Tensor, bool]]:
+        """``(param, combined gradient, is_fresh_tensor)`` for the tensors stored one by one."""
         task_grads = self._task_grads
+        out: list[tuple[Tensor, Tensor, bool]] = []
         # Shared: one weighted sum per parameter, batched with _foreach over the
         # parameters that have the same tasks, block, device and dtype.
         batches: dict[tuple[Any, ...], list[Tensor]] = defaultdict(list)
-        for p, block in zip(shared, block_of, strict=True):
+        for p in shared:
+            block = block_of[p]
             tasks = tuple(t for t, grads in enumerate(task_grads) if p in grads)
             w = [weights[block][t] for t in tasks]
-            if any(x != 0.0 and not (1 / _SAFE_WEIGHT <= abs(x) <= _SAFE_WEIGHT) for x in w):
-                yield p, _weighted_sum_float64([task_grads[t][p] for t in tasks], w, p.dtype), True
+            if not _weights_are_safe(w):
+                grads = [task_grads[t][p] for t in tasks]
+                out.append((p, _weighted_sum_float64(grads, w, p.dtype), True))
                 continue
             batches[(tasks, block, p.device, p.dtype)].append(p)
         for (tasks, block, _, dtype), ps in batches.items():
             w = [weights[block][t] for t in tasks]
             lists = [[task_grads[t][p] for p in ps] for t in tasks]
             for p, g in zip(ps, _weighted_sum(lists, w, dtype), strict=True):
-                yield p, g, True
+                out.append((p, g, True))
 
         # Task-specific: the plain (reduced) sum of the tasks that reached it.
         for p in specific:
             grads = [g[p] for g in task_grads if p in g]
             if len(grads) == 1 and scale == 1.0:
-                yield p, grads[0], False  # the task's own gradient, no copy
+                out.append((p, grads[0], False))  # the task's own gradient, no copy
             else:
-                yield p, _weighted_sum([[g] for g in grads], [scale] * len(grads), p.dtype)[0], True
+                summed = _weighted_sum([[g] for g in grads], [scale] * len(grads), p.dtype)[0]
+                out.append((p, summed, True))
+        return out
 
     # ------------------------------------------------------------------ helpers
 
@@ -529,15 +589,12 @@ class PCGrad(Optimizer):
     def _reset_accumulation(self) -> None:
         self._task_grads = []
         self._base_grads = {}
+        self._buckets = {}
         self._num_tasks = None
         self._orders = torch.empty(0, 0, dtype=torch.int64)
         self._pending_combine = False
         self._nonfinite_tasks = ()
         self._synced = False
-
-    def _restore_base_grads(self, params: list[Tensor]) -> None:
-        for p in params:
-            p.grad = self._base_grads.get(p)
 
     def _draw_orders(self, num_tasks: int) -> Tensor:
         orders = draw_orders(num_tasks, self.generator)
@@ -573,7 +630,12 @@ class PCGrad(Optimizer):
                 if not reached_host[task][k]:
                     continue
                 if p not in grads:
-                    grads[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    bucket = self._buckets.get(p)
+                    if bucket is not None:
+                        grads[p] = bucket.view(task, p)
+                        bucket.tasks.add(task)
+                    else:
+                        grads[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 tensors.append(grads[p])
                 handles.append(dist.all_reduce(grads[p], group=group, async_op=True))
         for handle in handles:
@@ -601,7 +663,9 @@ class PCGrad(Optimizer):
                     "reduce it (e.g. .mean()) first"
                 )
             if not loss.is_floating_point():
-                raise TypeError(f"losses[{task}] must be a real floating-point tensor, got {loss.dtype}")
+                raise TypeError(
+                    f"losses[{task}] must be a real floating-point tensor, got {loss.dtype}"
+                )
             if not loss.requires_grad:
                 raise ValueError(
                     f"losses[{task}] does not require grad: it was computed without autograd "
@@ -617,40 +681,47 @@ class PCGrad(Optimizer):
         return losses
 
 
-# ---------------------------------------------------------------------- free helpers
+# ---------------------------------------------------------------------- graphs
 
 
-def _graphs_needed_later(losses: list[Tensor]) -> list[bool]:
-    """For each loss, whether a later loss's backward pass goes through part of its graph.
+def _analyse_graphs(losses: list[Tensor]) -> tuple[list[bool], list[set[Tensor]]]:
+    """Walk each loss's autograd graph.
 
-    Such a graph must survive its own backward pass. Graphs that only meet at
-    the parameters (separate batches) are freed as soon as they are used.
+    Returns, for each loss, whether a later loss's backward pass goes through part
+    of its graph (so the graph must survive its own backward pass), and the set of
+    leaf tensors (parameters) it reaches. Graphs that only meet at the leaves
+    (separate batches) can be freed as soon as they are used.
     """
-    retain = [False] * len(losses)
-    if len(losses) == 1:
-        return retain
+    needed_later = [False] * len(losses)
+    reached: list[set[Tensor]] = [set() for _ in losses]
     # last_visitor[node]: the latest task whose graph contains the node. Every
     # earlier task that contains it must keep it alive for that later pass. Each
     # task walks its whole graph: stopping at a node seen before would miss a
     # third task that reaches the nodes below it by another path.
     last_visitor: dict[Any, int] = {}
     for task, loss in enumerate(losses):
+        leaves = reached[task]
+        if loss.grad_fn is None:
+            leaves.add(loss)  # the loss is itself a leaf
+            continue
         stack = [loss.grad_fn]
         while stack:
             node = stack.pop()
-            if node is None:
-                continue
             previous = last_visitor.get(node)
             if previous == task:
                 continue
             if previous is not None:
-                retain[previous] = True
+                needed_later[previous] = True
             last_visitor[node] = task
             for child, _ in node.next_functions:
-                # Leaves' accumulators hold no saved tensors: meeting there is fine.
-                if child is not None and type(child) is not _ACCUMULATE_GRAD:
+                if child is None:
+                    continue
+                if type(child) is _ACCUMULATE_GRAD:
+                    # A leaf's accumulator holds no saved tensors: meeting there is fine.
+                    leaves.add(child.variable)  # type: ignore[attr-defined]
+                else:
                     stack.append(child)
-    return retain
+    return needed_later, reached
 
 
 def _accumulate_grad_type() -> type:
@@ -663,75 +734,152 @@ def _accumulate_grad_type() -> type:
 _ACCUMULATE_GRAD = _accumulate_grad_type()
 
 
-def _gram_blocks(task_grads: list[dict[Tensor, Tensor]], params: list[Tensor], num_tasks: int) -> Tensor:
-    """Per-parameter Gram matrices ``[P, T, T]`` (float64, on the CPU).
+# ---------------------------------------------------------------------- storage
+
+
+class _Bucket:
+    """The per-task gradients of some shared parameters, side by side in one tensor.
+
+    ``data[t]`` is task t's gradient of all the bucket's parameters, one after the
+    other; each parameter's ``.grad`` is pointed at its slice before task t's
+    backward pass, so autograd accumulates there. The Gram block is then a few
+    dot products over whole rows and the combination one matrix-vector product:
+    a handful of kernel launches instead of several per parameter, which is
+    what matters on a GPU. (On a CPU, taking autograd's fresh tensors is cheaper
+    than zero-filling and adding into a bucket, so buckets are off there by default.)
+    """
+
+    def __init__(self, params: list[Tensor], num_tasks: int) -> None:
+        self.params = params
+        self.offsets: dict[Tensor, int] = {}
+        total = 0
+        for p in params:
+            self.offsets[p] = total
+            total += p.numel()
+        self.data = torch.zeros(num_tasks, total, dtype=params[0].dtype, device=params[0].device)
+        self.tasks: set[int] = set()
+
+    @staticmethod
+    def for_shared(
+        params: list[Tensor],
+        reached: list[set[Tensor]],
+        num_tasks: int,
+        explicit_shared: set[int] | None,
+    ) -> dict[Tensor, _Bucket]:
+        """Buckets (one per device and dtype) for the parameters shared in this call's graphs."""
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+        for p in params:
+            count = sum(p in leaves for leaves in reached)
+            shared = id(p) in explicit_shared if explicit_shared is not None else count >= 2
+            if shared and count and p.is_floating_point() and not p.is_sparse:
+                by_kind[(p.device, p.dtype)].append(p)
+        buckets: dict[Tensor, _Bucket] = {}
+        for group in by_kind.values():
+            bucket = _Bucket(group, num_tasks)
+            buckets.update(dict.fromkeys(group, bucket))
+        return buckets
+
+    def view(self, task: int, p: Tensor) -> Tensor:
+        start = self.offsets[p]
+        return self.data[task, start : start + p.numel()].view_as(p)
+
+    def gram_item(self) -> _GramItem:
+        return _GramItem([(t, self.data[t]) for t in sorted(self.tasks)], self.data.shape[1])
+
+    def combine(self, weights: list[float]) -> list[tuple[Tensor, Tensor, bool]]:
+        """Each parameter's slice of ``sum_t weights[t] * data[t]``."""
+        rows = sorted(self.tasks)
+        w = [weights[t] for t in rows]
+        data = self.data[rows]  # a copy only when some task reached none of the bucket
+        if not _weights_are_safe(w):
+            total = torch.tensor(w, dtype=torch.float64, device=data.device) @ data.double()
+        else:
+            compute = torch.float32 if data.dtype in _HALF_DTYPES else data.dtype
+            w_dev = torch.tensor(w, dtype=compute, device=data.device)
+            total = w_dev @ data.to(compute)
+        total = total.to(self.data.dtype)
+        return [
+            (p, total[start : start + p.numel()].view_as(p), True)
+            for p, start in self.offsets.items()
+        ]
+
+
+class _GramItem:
+    """Some tasks' gradients over one stretch of parameters, as flat vectors."""
+
+    def __init__(self, vectors: list[tuple[int, Tensor]], numel: int) -> None:
+        self.vectors = vectors
+        self.numel = numel
+
+
+def _gram_blocks(items: list[_GramItem], num_tasks: int) -> Tensor:
+    """One Gram matrix per item, ``[I, T, T]`` (float64, on the CPU).
 
     Each dot product runs where the gradients live, in float32 (float64 for
-    float64 parameters); all of them come to the host in one transfer per device.
+    float64 gradients); all of them come to the host in one transfer per device.
     Blocks whose float32 result may be inaccurate (an overflow to inf, or squared
     norms so small that products fell into float32's subnormal range) are
     recomputed in float64; genuine inf/NaN gradients stay non-finite.
     """
-    blocks = torch.zeros(len(params), num_tasks, num_tasks, dtype=torch.float64)
-    if not params:
+    blocks = torch.zeros(len(items), num_tasks, num_tasks, dtype=torch.float64)
+    if not items:
         return blocks
     per_device: dict[torch.device, tuple[list[Tensor], list[tuple[int, int, int]]]] = defaultdict(
         lambda: ([], [])
     )
-    flat_grads: list[list[tuple[int, Tensor]]] = []
-    for k, p in enumerate(params):
-        present = [
-            (t, _as_vector(grads[p])) for t, grads in enumerate(task_grads) if p in grads
-        ]
-        flat_grads.append(present)
-        dots, where = per_device[p.device]
-        for a, (i, gi) in enumerate(present):
-            for j, gj in present[a:]:
-                dots.append(torch.dot(gi, gj))
+    present = torch.zeros(len(items), num_tasks, dtype=torch.bool)
+    numels = torch.zeros(len(items), dtype=torch.float64)
+    tiny = torch.zeros(len(items), dtype=torch.float64)
+    for k, item in enumerate(items):
+        vectors = [(t, _in_dot_dtype(v)) for t, v in item.vectors]
+        item.vectors = vectors
+        numels[k] = item.numel
+        if vectors:
+            tiny[k] = torch.finfo(vectors[0][1].dtype).tiny * 2.0**26
+            dots, where = per_device[vectors[0][1].device]
+        for a, (i, vi) in enumerate(vectors):
+            present[k, i] = True
+            for j, vj in vectors[a:]:
+                dots.append(torch.dot(vi, vj))
                 where.append((k, i, j))
     for dots, where in per_device.values():
-        values = torch.stack(dots).to(device="cpu", dtype=torch.float64)
+        values = torch.stack(dots).to(device="cpu", dtype=torch.float64)  # the host sync
         index = torch.tensor(where, dtype=torch.int64)
         blocks[index[:, 0], index[:, 1], index[:, 2]] = values
         blocks[index[:, 0], index[:, 2], index[:, 1]] = values
 
-    # Which blocks to redo in float64.
-    numels = torch.tensor([p.numel() for p in params], dtype=torch.float64)
-    tiny = torch.tensor(
-        [torch.finfo(_dot_dtype(p.dtype)).tiny * 2.0**26 for p in params], dtype=torch.float64
-    )
-    present_mask = torch.zeros(len(params), num_tasks, dtype=torch.bool)
-    for k, present in enumerate(flat_grads):
-        for t, _ in present:
-            present_mask[k, t] = True
     diag = blocks.diagonal(dim1=-2, dim2=-1)
     inaccurate = (~torch.isfinite(blocks)).flatten(1).any(1) | (
-        present_mask & (diag < (numels * tiny).unsqueeze(1))
+        present & (diag < (numels * tiny).unsqueeze(1))
     ).any(1)
     for k in inaccurate.nonzero().flatten().tolist():
-        if _dot_dtype(params[k].dtype) == torch.float64:
+        vectors = items[k].vectors
+        if vectors[0][1].dtype == torch.float64:
             continue
-        present = [(t, g.to(torch.float64)) for t, g in flat_grads[k]]
-        for a, (i, gi) in enumerate(present):
-            for j, gj in present[a:]:
-                value = float(torch.dot(gi, gj))
+        wide = [(t, v.to(torch.float64)) for t, v in vectors]
+        for a, (i, vi) in enumerate(wide):
+            for j, vj in wide[a:]:
+                value = float(torch.dot(vi, vj))
                 blocks[k, i, j] = value
                 blocks[k, j, i] = value
     return blocks
 
 
-def _dot_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _in_dot_dtype(vector: Tensor) -> Tensor:
+    """Half-precision gradients are multiplied in float32 (float64 stays float64)."""
+    if vector.dtype in (torch.float32, torch.float64):
+        return vector
+    return vector.to(torch.float32)
 
 
-def _as_vector(grad: Tensor) -> Tensor:
-    vector = grad.reshape(-1)
-    if vector.dtype != _dot_dtype(vector.dtype):
-        vector = vector.to(_dot_dtype(vector.dtype))
-    return vector
+def _weights_are_safe(weights: list[float]) -> bool:
+    """Whether every weight can multiply a float32 gradient without leaving its range."""
+    return all(w == 0.0 or 1 / _SAFE_WEIGHT <= abs(w) <= _SAFE_WEIGHT for w in weights)
 
 
-def _weighted_sum(lists: list[list[Tensor]], weights: list[float], dtype: torch.dtype) -> list[Tensor]:
+def _weighted_sum(
+    lists: list[list[Tensor]], weights: list[float], dtype: torch.dtype
+) -> list[Tensor]:
     """``sum_t weights[t] * lists[t][k]`` for every k, in float32 or better, as ``dtype``."""
     if dtype in _HALF_DTYPES:
         lists = [[g.float() for g in grads] for grads in lists]
@@ -760,6 +908,9 @@ def _collective_device(group: dist.ProcessGroup) -> torch.device:
     if backend == "nccl" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------- stats
 
 
 def _stats(
@@ -801,4 +952,3 @@ def _nonfinite_stats(orders: Tensor, num_shared: int, nonfinite: tuple[int, ...]
         num_shared=num_shared,
         nonfinite_tasks=nonfinite,
     )
-

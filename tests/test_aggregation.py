@@ -271,7 +271,9 @@ def test_zero_gradient_gives_finite_identity_row() -> None:
     grads = np.array([[0.0, 0.0], [1.0, -2.0], [-3.0, 1.0]])
     result = pcgrad(gram_of(grads), random_orders(3, 0))
     assert torch.isfinite(result.coefficients).all()
-    torch.testing.assert_close(result.coefficients[0], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        result.coefficients[0], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    )
     assert not result.projected[:, 0].any(), "projected onto a zero gradient"
 
 

@@ -100,7 +100,11 @@ def reference_grads(
         def flat(task: int, ks: list[int] = ks) -> Tensor:
             return torch.cat(
                 [
-                    (per_task[task][k] if per_task[task][k] is not None else torch.zeros_like(params[k]))
+                    (
+                        per_task[task][k]
+                        if per_task[task][k] is not None
+                        else torch.zeros_like(params[k])
+                    )
                     .reshape(-1)
                     .double()
                     for k in ks
@@ -126,6 +130,12 @@ def assert_grads_close(params: list[Tensor], expected: list[Tensor | None], **to
             torch.testing.assert_close(p.grad, e, **tol)
 
 
+@pytest.fixture(params=[False, True], ids=["per-tensor", "buckets"])
+def buckets(request: pytest.FixtureRequest) -> bool:
+    """Both storage layouts: autograd's own tensors, or one bucket per device and dtype."""
+    return bool(request.param)
+
+
 def sgd_pcgrad(net: nn.Module, **kwargs) -> PCGrad:
     return PCGrad(torch.optim.SGD(net.parameters(), lr=0.1), **kwargs)
 
@@ -135,11 +145,16 @@ def sgd_pcgrad(net: nn.Module, **kwargs) -> PCGrad:
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_flat_reference(reduction: str, seed: int) -> None:
+def test_matches_flat_reference(reduction: str, seed: int, buckets: bool) -> None:
     net = make_net(seed)
     params = list(net.parameters())
     batches = make_batches(seed=seed + 10)
-    opt = sgd_pcgrad(net, reduction=reduction, generator=torch.Generator().manual_seed(seed))
+    opt = sgd_pcgrad(
+        net,
+        gradient_buckets=buckets,
+        reduction=reduction,
+        generator=torch.Generator().manual_seed(seed),
+    )
     opt.zero_grad()
     opt.backward(task_losses(net, batches))
     assert opt.stats is not None
@@ -148,14 +163,14 @@ def test_matches_flat_reference(reduction: str, seed: int) -> None:
     assert opt.stats.projected.any(), "the fixture should produce conflicts"
 
 
-def test_heads_get_their_own_plain_gradient() -> None:
+def test_heads_get_their_own_plain_gradient(buckets: bool) -> None:
     net = make_net(3)
     batches = make_batches()
     heads = [list(net.heads[t].parameters()) for t in range(3)]
     plain = []
     for t in range(3):
         plain.append(torch.autograd.grad(task_losses(net, batches)[t], heads[t]))
-    opt = sgd_pcgrad(net)
+    opt = sgd_pcgrad(net, gradient_buckets=buckets)
     opt.backward(task_losses(net, batches))
     assert opt.stats is not None and opt.stats.projected.any()
     for t in range(3):
@@ -164,23 +179,27 @@ def test_heads_get_their_own_plain_gradient() -> None:
             assert torch.equal(p.grad, g), "a projection leaked into a task head"
 
 
-def test_untouched_parameter_keeps_none_and_does_not_move() -> None:
+def test_untouched_parameter_keeps_none_and_does_not_move(buckets: bool) -> None:
     net = make_net()
     before = net.unused.detach().clone()
-    opt = PCGrad(torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.5))
+    opt = PCGrad(
+        torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.5), gradient_buckets=buckets
+    )
     for _ in range(2):
         opt.zero_grad()
         opt.backward(task_losses(net, make_batches()))
         assert net.unused.grad is None
         opt.step()
-    assert torch.equal(net.unused.detach(), before), "weight decay or momentum moved an unused parameter"
+    assert torch.equal(net.unused.detach(), before), (
+        "weight decay or momentum moved an unused parameter"
+    )
     assert net.unused not in opt.state or not opt.state[net.unused]
 
 
-def test_single_task_is_exactly_a_plain_step() -> None:
+def test_single_task_is_exactly_a_plain_step(buckets: bool) -> None:
     net_a, net_b = make_net(5, num_tasks=1), make_net(5, num_tasks=1)
     batch = make_batches(1)
-    opt_a = PCGrad(torch.optim.Adam(net_a.parameters(), lr=0.01))
+    opt_a = PCGrad(torch.optim.Adam(net_a.parameters(), lr=0.01), gradient_buckets=buckets)
     opt_b = torch.optim.Adam(net_b.parameters(), lr=0.01)
     for _ in range(3):
         opt_a.zero_grad()
@@ -197,19 +216,17 @@ def test_single_task_is_exactly_a_plain_step() -> None:
         assert torch.equal(pa, pb)
 
 
-def test_without_conflict_it_is_the_plain_sum() -> None:
+def test_without_conflict_it_is_the_plain_sum(buckets: bool) -> None:
     net = make_net(2)
     batches = make_batches()
     # The same loss three times: identical gradients never conflict.
     same = [(batches[0][0], batches[0][1])] * 3
-    opt = sgd_pcgrad(net)
+    opt = sgd_pcgrad(net, gradient_buckets=buckets)
     opt.backward([net.task_loss(0, x, y) for x, y in same])
     assert opt.stats is not None
     assert not opt.stats.projected.any()
     assert opt.stats.weights.tolist() == [1.0, 1.0, 1.0]
-    expected = torch.autograd.grad(
-        3 * net.task_loss(0, *same[0]), list(net.trunk.parameters())
-    )
+    expected = torch.autograd.grad(3 * net.task_loss(0, *same[0]), list(net.trunk.parameters()))
     for p, g in zip(net.trunk.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-12)
 
@@ -232,11 +249,11 @@ def test_granularity_projects_per_block(granularity: str) -> None:
     assert opt.stats.weights.shape == (len(blocks), 3)
 
 
-def test_explicit_shared_params() -> None:
+def test_explicit_shared_params(buckets: bool) -> None:
     net = make_net(6)
     params = list(net.parameters())
     first_layer = list(net.trunk[0].parameters())
-    opt = sgd_pcgrad(net, shared_params=first_layer)
+    opt = sgd_pcgrad(net, gradient_buckets=buckets, shared_params=first_layer)
     batches = make_batches()
     opt.backward(task_losses(net, batches))
     assert opt.stats is not None and opt.stats.num_shared == 2
@@ -255,7 +272,7 @@ def test_explicit_shared_params_must_belong_to_the_optimizer() -> None:
 # ---------------------------------------------------------------------- graphs
 
 
-def test_one_shared_batch_with_three_heads() -> None:
+def test_one_shared_batch_with_three_heads(buckets: bool) -> None:
     net = make_net(7)
     params = list(net.parameters())
     x, y = make_batches(1)[0]
@@ -264,7 +281,7 @@ def test_one_shared_batch_with_three_heads() -> None:
         features = torch.tanh(net.trunk(x))
         return [SIGNS[t] * ((net.heads[t](features).squeeze(-1) - y) ** 2).sum() for t in range(3)]
 
-    opt = sgd_pcgrad(net)
+    opt = sgd_pcgrad(net, gradient_buckets=buckets)
     current = losses()
     opt.backward(current)
     assert opt.stats is not None
@@ -275,9 +292,9 @@ def test_one_shared_batch_with_three_heads() -> None:
         current[2].backward()
 
 
-def test_separate_graphs_are_freed_as_they_go() -> None:
+def test_separate_graphs_are_freed_as_they_go(buckets: bool) -> None:
     net = make_net()
-    opt = sgd_pcgrad(net)
+    opt = sgd_pcgrad(net, gradient_buckets=buckets)
     current = task_losses(net, make_batches())
     opt.backward(current)
     for loss in current:
@@ -302,12 +319,12 @@ def test_retain_graph_true_keeps_graphs() -> None:
 # ---------------------------------------------------------------------- accumulation
 
 
-def test_accumulation_equals_one_big_batch() -> None:
+def test_accumulation_equals_one_big_batch(buckets: bool) -> None:
     big = make_batches(n=8, seed=4)
     halves = [[(x[:4], y[:4]) for x, y in big], [(x[4:], y[4:]) for x, y in big]]
     net_a, net_b = make_net(8), make_net(8)
-    opt_a = sgd_pcgrad(net_a, generator=torch.Generator().manual_seed(3))
-    opt_b = sgd_pcgrad(net_b, generator=torch.Generator().manual_seed(3))
+    opt_a = sgd_pcgrad(net_a, gradient_buckets=buckets, generator=torch.Generator().manual_seed(3))
+    opt_b = sgd_pcgrad(net_b, gradient_buckets=buckets, generator=torch.Generator().manual_seed(3))
     for _ in range(2):
         opt_a.zero_grad()
         opt_a.backward(task_losses(net_a, big))
@@ -325,12 +342,12 @@ def test_accumulation_equals_one_big_batch() -> None:
         opt_b.step()
 
 
-def test_combine_false_defers_the_surgery_to_step() -> None:
+def test_combine_false_defers_the_surgery_to_step(buckets: bool) -> None:
     big = make_batches(n=8, seed=4)
     halves = [[(x[:4], y[:4]) for x, y in big], [(x[4:], y[4:]) for x, y in big]]
     net_a, net_b = make_net(8), make_net(8)
-    opt_a = sgd_pcgrad(net_a, generator=torch.Generator().manual_seed(3))
-    opt_b = sgd_pcgrad(net_b, generator=torch.Generator().manual_seed(3))
+    opt_a = sgd_pcgrad(net_a, gradient_buckets=buckets, generator=torch.Generator().manual_seed(3))
+    opt_b = sgd_pcgrad(net_b, gradient_buckets=buckets, generator=torch.Generator().manual_seed(3))
     opt_a.backward(task_losses(net_a, halves[0]))
     opt_a.backward(task_losses(net_a, halves[1]))
     opt_b.backward(task_losses(net_b, halves[0]), combine=False)
@@ -342,14 +359,14 @@ def test_combine_false_defers_the_surgery_to_step() -> None:
         torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-12)
 
 
-def test_gradients_already_in_grad_are_added_unprojected() -> None:
+def test_gradients_already_in_grad_are_added_unprojected(buckets: bool) -> None:
     net = make_net(9)
     params = list(net.parameters())
     batches = make_batches()
     extra = (net.trunk[0].weight ** 2).sum() + net.unused.sum()
     extra.backward()
     before = {id(p): p.grad.clone() for p in params if p.grad is not None}
-    opt = sgd_pcgrad(net)
+    opt = sgd_pcgrad(net, gradient_buckets=buckets)
     opt.backward(task_losses(net, batches))
     assert opt.stats is not None
     expected = reference_grads(params, task_losses(net, batches), opt.stats.orders)
@@ -363,22 +380,22 @@ def test_gradients_already_in_grad_are_added_unprojected() -> None:
             torch.testing.assert_close(p.grad, want, rtol=1e-12, atol=1e-12)
 
 
-def test_existing_gradients_are_added_once_under_accumulation() -> None:
+def test_existing_gradients_are_added_once_under_accumulation(buckets: bool) -> None:
     net = make_net(9)
     head = net.heads[0].weight
     batches = make_batches()
     (head**2).sum().backward()
     base = head.grad.clone()  # type: ignore[union-attr]
-    opt = sgd_pcgrad(net)
+    opt = sgd_pcgrad(net, gradient_buckets=buckets)
     opt.backward(task_losses(net, batches))
     opt.backward(task_losses(net, batches))
     (plain,) = torch.autograd.grad(task_losses(net, batches)[0], [head])
     torch.testing.assert_close(head.grad, base + 2 * plain, rtol=1e-12, atol=1e-12)
 
 
-def test_zero_grad_keep_tensors() -> None:
+def test_zero_grad_keep_tensors(buckets: bool) -> None:
     net = make_net()
-    opt = sgd_pcgrad(net, generator=torch.Generator().manual_seed(0))
+    opt = sgd_pcgrad(net, gradient_buckets=buckets, generator=torch.Generator().manual_seed(0))
     batches = make_batches()
     opt.backward(task_losses(net, batches))
     first = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
@@ -394,7 +411,9 @@ def test_zero_grad_keep_tensors() -> None:
 # ---------------------------------------------------------------------- optimizer face
 
 
-def run_steps(seed: int, steps: int = 3, generator_seed: int = 0) -> tuple[list[Tensor], list[Tensor]]:
+def run_steps(
+    seed: int, steps: int = 3, generator_seed: int = 0
+) -> tuple[list[Tensor], list[Tensor]]:
     net = make_net(seed)
     opt = PCGrad(
         torch.optim.AdamW(net.parameters(), lr=0.05),
@@ -519,11 +538,15 @@ OPTIMIZERS: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_wraps_optimizer(name: str) -> None:
+def test_wraps_optimizer(name: str, buckets: bool) -> None:
     """Each step equals the bare optimizer stepping on the reference gradient."""
     make = OPTIMIZERS[name]
     net, twin = make_net(12), make_net(12)
-    opt = PCGrad(make(list(net.parameters())), generator=torch.Generator().manual_seed(0))
+    opt = PCGrad(
+        make(list(net.parameters())),
+        generator=torch.Generator().manual_seed(0),
+        gradient_buckets=buckets,
+    )
     bare = make(list(twin.parameters()))
     for step in range(3):
         batches = make_batches(seed=step)
@@ -548,13 +571,13 @@ def test_wraps_optimizer(name: str) -> None:
 # ---------------------------------------------------------------------- precision
 
 
-def test_extreme_scales_stay_finite_and_correct() -> None:
+def test_extreme_scales_stay_finite_and_correct(buckets: bool) -> None:
     net = make_net(13, dtype=torch.float32)
     params = list(net.parameters())
     batches = make_batches(dtype=torch.float32)
     # float32 gradients near 1e30 and 1e-30: their squares leave float32's range.
     signs = (1e30, -1e-30, 1.0)
-    opt = sgd_pcgrad(net)
+    opt = sgd_pcgrad(net, gradient_buckets=buckets)
     opt.backward(task_losses(net, batches, signs))
     assert opt.stats is not None and not opt.stats.nonfinite_tasks
     expected = reference_grads(params, task_losses(net, batches, signs), opt.stats.orders)
@@ -568,18 +591,16 @@ def test_extreme_scales_stay_finite_and_correct() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_gradients(dtype: torch.dtype) -> None:
+def test_half_precision_gradients(dtype: torch.dtype, buckets: bool) -> None:
     net = make_net(14, dtype=torch.float32)
     half = copy.deepcopy(net).to(dtype)
     batches = make_batches(dtype=torch.float32)
     half_batches = [(x.to(dtype), y.to(dtype)) for x, y in batches]
-    opt = sgd_pcgrad(half, generator=torch.Generator().manual_seed(0))
+    opt = sgd_pcgrad(half, gradient_buckets=buckets, generator=torch.Generator().manual_seed(0))
     opt.backward(task_losses(half, half_batches))
     assert opt.stats is not None
     params = list(half.parameters())
-    expected = reference_grads(
-        list(net.parameters()), task_losses(net, batches), opt.stats.orders
-    )
+    expected = reference_grads(list(net.parameters()), task_losses(net, batches), opt.stats.orders)
     for p, e in zip(params, expected, strict=True):
         if e is None:
             assert p.grad is None
@@ -589,10 +610,10 @@ def test_half_precision_gradients(dtype: torch.dtype) -> None:
         assert (p.grad.float() - e).norm() <= 0.05 * e.norm() + 1e-3
 
 
-def test_zero_task_gradient_is_finite() -> None:
+def test_zero_task_gradient_is_finite(buckets: bool) -> None:
     net = make_net()
     batches = make_batches()
-    opt = sgd_pcgrad(net)
+    opt = sgd_pcgrad(net, gradient_buckets=buckets)
     losses = task_losses(net, batches)
     losses[1] = losses[1] * 0.0
     opt.backward(losses)
@@ -605,9 +626,9 @@ def test_zero_task_gradient_is_finite() -> None:
 # ---------------------------------------------------------------------- non-finite
 
 
-def test_nonfinite_gradient_without_scaler_raises_and_leaves_params() -> None:
+def test_nonfinite_gradient_without_scaler_raises_and_leaves_params(buckets: bool) -> None:
     net = make_net()
-    opt = sgd_pcgrad(net)
+    opt = sgd_pcgrad(net, gradient_buckets=buckets)
     before = [p.detach().clone() for p in net.parameters()]
     losses = task_losses(net, make_batches())
     losses[2] = losses[2] * float("nan")
@@ -619,7 +640,9 @@ def test_nonfinite_gradient_without_scaler_raises_and_leaves_params() -> None:
         assert torch.equal(a, b)
 
 
-def _bf16_scaled_step(net: MultiTaskNet, opt: PCGrad, scaler: torch.amp.GradScaler, batches, signs) -> None:
+def _bf16_scaled_step(
+    net: MultiTaskNet, opt: PCGrad, scaler: torch.amp.GradScaler, batches, signs
+) -> None:
     opt.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = task_losses(net, batches, signs)
@@ -630,16 +653,24 @@ def _bf16_scaled_step(net: MultiTaskNet, opt: PCGrad, scaler: torch.amp.GradScal
     scaler.update()
 
 
-def test_grad_scaler_with_bf16_autocast() -> None:
+def test_grad_scaler_with_bf16_autocast(buckets: bool) -> None:
     net = make_net(15, dtype=torch.float32)
     twin = copy.deepcopy(net)
     batches = make_batches(dtype=torch.float32)
-    opt = PCGrad(torch.optim.SGD(net.parameters(), lr=0.01), generator=torch.Generator().manual_seed(0))
+    opt = PCGrad(
+        torch.optim.SGD(net.parameters(), lr=0.01),
+        generator=torch.Generator().manual_seed(0),
+        gradient_buckets=buckets,
+    )
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     _bf16_scaled_step(net, opt, scaler, batches, SIGNS)
     assert scaler.get_scale() == 2.0**10  # finite: no back-off
     # The same step without scaling, applied to the twin: the surgery is scale-invariant.
-    twin_opt = PCGrad(torch.optim.SGD(twin.parameters(), lr=0.01), generator=torch.Generator().manual_seed(0))
+    twin_opt = PCGrad(
+        torch.optim.SGD(twin.parameters(), lr=0.01),
+        generator=torch.Generator().manual_seed(0),
+        gradient_buckets=buckets,
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = task_losses(twin, batches, SIGNS)
     twin_opt.backward([loss.float() for loss in losses])
@@ -648,9 +679,9 @@ def test_grad_scaler_with_bf16_autocast() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_grad_scaler_skips_nonfinite_step() -> None:
+def test_grad_scaler_skips_nonfinite_step(buckets: bool) -> None:
     net = make_net(16, dtype=torch.float32)
-    opt = PCGrad(torch.optim.SGD(net.parameters(), lr=0.01))
+    opt = PCGrad(torch.optim.SGD(net.parameters(), lr=0.01), gradient_buckets=buckets)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     before = [p.detach().clone() for p in net.parameters()]
     _bf16_scaled_step(net, opt, scaler, make_batches(dtype=torch.float32), (1.0, float("inf"), 1.0))
@@ -689,9 +720,9 @@ def test_bad_losses_name_the_task() -> None:
     assert all(p.grad is None for p in net.parameters())
 
 
-def test_loss_reaching_no_parameter_is_rejected() -> None:
+def test_loss_reaching_no_parameter_is_rejected(buckets: bool) -> None:
     net = make_net()
-    opt = sgd_pcgrad(net)
+    opt = sgd_pcgrad(net, gradient_buckets=buckets)
     stray = torch.ones(3, requires_grad=True)
     x, y = make_batches(1)[0]
     with pytest.raises(ValueError, match=r"losses\[1\] reaches no parameter"):
@@ -733,7 +764,7 @@ def test_constructor_arguments_are_checked() -> None:
 # ---------------------------------------------------------------------- stats
 
 
-def test_stats_describe_the_task_gradients() -> None:
+def test_stats_describe_the_task_gradients(buckets: bool) -> None:
     net = make_net(17)
     batches = make_batches()
     shared = list(net.trunk.parameters())
@@ -741,7 +772,7 @@ def test_stats_describe_the_task_gradients() -> None:
         torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, shared)])
         for loss in task_losses(net, batches)
     ]
-    opt = sgd_pcgrad(net)
+    opt = sgd_pcgrad(net, gradient_buckets=buckets)
     opt.backward(task_losses(net, batches))
     stats = opt.stats
     assert stats is not None and stats.num_shared == len(shared)
@@ -761,3 +792,76 @@ def test_stats_describe_the_task_gradients() -> None:
         combined, sum(w * g for w, g in zip(stats.weights.tolist(), grads, strict=True))
     )
     assert math.isclose(stats.cosine[0, 0].item(), 1.0)
+
+
+# ---------------------------------------------------------------------- data parallel
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        net = make_net(21)
+        big = make_batches(n=8, seed=5)
+        half = [(x[rank * 4 : rank * 4 + 4], y[rank * 4 : rank * 4 + 4]) for x, y in big]
+        # Each rank draws its own orders; the wrapper must use rank 0's.
+        opt = PCGrad(
+            torch.optim.SGD(net.parameters(), lr=0.1),
+            generator=torch.Generator().manual_seed(100 + rank),
+            process_group=dist.group.WORLD,
+        )
+        # A local mean over half the batch, averaged over 2 ranks = the global mean.
+        opt.backward([loss / 4 for loss in task_losses(net, half)])
+        assert opt.stats is not None
+        grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        opt.step()
+        torch.save(
+            {"grads": grads, "orders": opt.stats.orders, "params": dict(net.named_parameters())},
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes, each importing torch: 10-30 s on 2 cores
+def test_data_parallel_surgery_runs_on_global_task_gradients(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.equal(ranks[0]["orders"], ranks[1]["orders"])
+    orders = ranks[0]["orders"]
+    assert torch.equal(
+        orders, gradtools.aggregation.draw_orders(3, torch.Generator().manual_seed(100))
+    )
+
+    net = make_net(21)
+    params = list(net.parameters())
+    big = make_batches(n=8, seed=5)
+    expected = reference_grads(params, [loss / 8 for loss in task_losses(net, big)], orders)
+    names = [n for n, _ in net.named_parameters()]
+    for name, want in zip(names, expected, strict=True):
+        for r in range(2):
+            if want is None:
+                assert name not in ranks[r]["grads"]
+            else:
+                torch.testing.assert_close(ranks[r]["grads"][name], want, rtol=1e-12, atol=1e-12)
+    # Surgery on each rank's own gradients, then averaged, would differ here.
+    local = [
+        reference_grads(
+            params,
+            [
+                loss / 4
+                for loss in task_losses(
+                    net, [(x[r * 4 : r * 4 + 4], y[r * 4 : r * 4 + 4]) for x, y in big]
+                )
+            ],
+            orders,
+        )
+        for r in range(2)
+    ]
+    trunk = names.index("trunk.0.weight")
+    averaged = (local[0][trunk] + local[1][trunk]) / 2  # type: ignore[operator]
+    assert not torch.allclose(averaged, expected[trunk])  # type: ignore[arg-type]
