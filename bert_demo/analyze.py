@@ -84,7 +84,7 @@ def _text(example: Example) -> str:
     if isinstance(example, SentenceExample):
         return example.sentence.strip()
     assert isinstance(example, PairExample)
-    return f"{example.sentence1.strip()} ||| {example.sentence2.strip()}"
+    return f"{example.sentence1.strip()} // {example.sentence2.strip()}"
 
 
 def _cell(text: str) -> str:

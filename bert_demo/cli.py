@@ -181,10 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from bert_demo.train import CONFIG, train
+    from bert_demo.train import CONFIG, RunDirError, train
 
     out = Path(args.out or f"runs/{args.preset}")
     if args.resume:
+        if not (out / CONFIG).is_file():
+            raise RunDirError(f"--resume: {out} holds no run to resume ({CONFIG} is missing)")
         config = TrainConfig.load(out / CONFIG)
         print(f"resuming {out} with its saved settings")
     else:

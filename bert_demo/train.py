@@ -170,9 +170,7 @@ class Trainer:
         self.device = resolve_device(None if device is None else str(device))
         self.progress = progress
         self.on_step = on_step
-        self._prepare_run_dir(resume)
-
-        torch.manual_seed(config.seed)
+        # Read the data before touching the run folder: a bad --data leaves nothing behind.
         data_dir = find_data_dir(config.data)
         self.train_sets = load_split(
             data_dir, config.tasks, TRAIN_FILES, config.max_train_examples, random_subset=True
@@ -180,6 +178,9 @@ class Trainer:
         self.dev_sets = load_split(
             data_dir, TASKS, DEV_FILES, config.max_eval_examples, random_subset=False
         )
+        self._prepare_run_dir(resume)
+
+        torch.manual_seed(config.seed)
         self.lengths = {t: [example_length(e) for e in ex] for t, ex in self.train_sets.items()}
         self.tokenizer = WordPieceTokenizer.from_folder(resolve_model_path(config.model))
         self.model = build_model(config).to(self.device)
@@ -241,10 +242,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _checkpoint_state(self) -> dict[str, Any]:
-        rng: dict[str, Any] = {
-            "torch": torch.get_rng_state(),
-            "pcgrad": self.pcgrad_generator.get_state(),
-        }
+        # PCGrad's own generator state travels in the optimizer's state dict.
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
@@ -280,7 +279,6 @@ class Trainer:
         self.elapsed = float(state["elapsed_s"])
         self.last_metrics = json.loads(state["metrics"])
         torch.set_rng_state(state["rng"]["torch"])
-        self.pcgrad_generator.set_state(state["rng"]["pcgrad"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
@@ -323,6 +321,8 @@ class Trainer:
             torch.stack(losses).sum().backward()
         self.optimizer.step()
         self.schedule.step()
+        if config.pcgrad:
+            stats.update(pcgrad_summary(self.optimizer, config.tasks))
         if self.smart is not None:
             self.smart.after_step(model)
         self.step += 1
@@ -422,17 +422,19 @@ class Trainer:
         for key, values in window.items():
             finite = [v for v in values if math.isfinite(v)]
             record[key] = sum(finite) / len(finite) if finite else math.nan
-        pcgrad_stats = getattr(self.optimizer, "stats", None)
-        if isinstance(pcgrad_stats, dict):
-            record.update({f"pcgrad_{k}": _plain(v) for k, v in pcgrad_stats.items()})
         return record
 
 
-def _plain(value: Any) -> Any:
-    """Tensors and numbers from optimizer stats as JSON values."""
-    if isinstance(value, Tensor):
-        return value.tolist()
-    return value
+def pcgrad_summary(optimizer: Any, tasks: tuple[str, ...]) -> dict[str, float]:
+    """Per-step numbers from PCGrad's stats: conflicting pairs and each pair's cosine."""
+    stats = getattr(optimizer, "stats", None)
+    if stats is None:
+        return {}
+    summary = {"pcgrad_conflicts": float(stats.conflicts.sum().item()) / 2}
+    for i, a in enumerate(tasks):
+        for j in range(i + 1, len(tasks)):
+            summary[f"pcgrad_cos_{a}_{tasks[j]}"] = float(stats.cosine[i, j])
+    return summary
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:

@@ -1,0 +1,128 @@
+"""`python -m bert_demo`: clear errors for bad arguments, and the commands end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from demo_fixtures import write_tiny_data, write_tiny_model
+
+from bert_demo.cli import build_parser, config_from_args, main
+from bert_demo.config import PAPER, QUICK
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return write_tiny_model(root / "model"), write_tiny_data(root / "data")
+
+
+def tiny_args(tiny: tuple[Path, Path], out: Path) -> list[str]:
+    model_dir, data_dir = tiny
+    return ["--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+            "--batch-sst", "3", "--batch-para", "2", "--batch-sts", "2", "--max-length", "16",
+            "--epochs", "1", "--steps-per-epoch", "2", "--eval-batch-size", "4", "--no-progress"]
+
+
+def fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--lr", "-1"], "lr and head_lr must be > 0"),
+        (["train", "--epochs", "0"], "epochs must be >= 1"),
+        (["train", "--tasks", "nli"], "invalid choice: 'nli'"),
+        (["train", "--tasks", "sst", "--pcgrad"], "pcgrad needs at least two tasks"),
+        (["train", "--tasks", "sst", "para", "--sts-aug"], "sts_aug needs the sts task"),
+        (["train", "--warmup", "1.5"], "warmup is a fraction"),
+        (["train", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
+        (["train", "--preset", "huge"], "invalid choice: 'huge'"),
+        (["train", "--batch-sst", "two"], "invalid int value: 'two'"),
+        (["train", "--threads", "0"], "--threads must be >= 1"),
+        (["ablate", "--seeds", "0"], "--seeds must be >= 1"),
+        (["ablate", "--rows", "everything"], "unknown row(s) ['everything']"),
+        (["evaluate", "--run", "/nonexistent/run"], "no checkpoint at /nonexistent/run"),
+    ],
+)
+def test_bad_arguments_give_clear_errors(argv, message, capsys) -> None:
+    assert message in fails(argv, capsys)
+
+
+def test_bad_data_or_device_or_resume(tiny, tmp_path, capsys) -> None:
+    args = tiny_args(tiny, tmp_path / "run")
+    data_at = args.index("--data") + 1
+    bad_data = [*args[:data_at], "/nonexistent/data", *args[data_at + 1 :]]
+    assert "/nonexistent/data" in fails(["train", *bad_data], capsys)
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+    assert "holds no run to resume" in fails(["train", *args, "--resume"], capsys)
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in fails(["train", *args, "--device", "cuda"], capsys)
+
+
+def test_presets_and_flag_overrides() -> None:
+    parser = build_parser()
+    quick = config_from_args(parser.parse_args(["train"]))
+    assert (quick.lr, quick.batch_sst, quick.epochs) == (QUICK["lr"], QUICK["batch_sst"],
+                                                         QUICK["epochs"])
+    paper = config_from_args(parser.parse_args(
+        ["train", "--preset", "paper", "--smart", "--sts-aug", "--lr", "3e-5", "--tasks", "sst",
+         "sts"]))
+    assert (paper.batch_sst, paper.batch_para, paper.batch_sts) == (2, 20, 2)
+    assert (paper.smart_lambda, paper.smart_epsilon, paper.smart_sigma, paper.bregman_mu,
+            paper.smart_eta) == (5.0, 1e-4, 1e-4, 1.0, 1e-2)
+    assert paper.epochs == PAPER["epochs"] == 10
+    assert paper.smart and paper.sts_aug and not paper.pcgrad
+    assert paper.lr == 3e-5 and paper.tasks == ("sst", "sts")
+    assert (paper.encoder_dropout, paper.head_dropout) == (0.1, 0.3)
+
+
+def test_train_evaluate_predict_analyze_resume(tiny, tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["train", *tiny_args(tiny, run), "--smart", "--pcgrad", "--sts-aug"]) == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("{"):])
+    final = json.loads((run / "final.json").read_text())
+    assert final["step"] == 2 and final["config"]["pcgrad"]
+    assert printed["out"] == str(run) and printed["overall"] == final["dev"]["overall"]
+
+    assert main(["evaluate", "--run", str(run)]) == 0
+    metrics = json.loads((run / "eval.json").read_text())
+    assert metrics == pytest.approx(final["dev"])
+
+    assert main(["predict", "--run", str(run)]) == 0
+    assert len(list((run / "predictions").glob("*.csv"))) == 5
+    assert main(["analyze", "--run", str(run), "--top", "2"]) == 0
+    assert (run / "analysis" / "sst_confusion.png").is_file()
+
+    # Resuming a finished run has nothing left to do and changes nothing.
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    again = json.loads((run / "final.json").read_text())
+    assert (again["step"], again["dev"]) == (final["step"], final["dev"])
+    # Training again into the same folder without --resume is refused.
+    assert "already holds a run" in fails(["train", *tiny_args(tiny, run)], capsys)
+
+
+def test_module_entry_point_reports_errors() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bert_demo", "train", "--lr", "-1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "lr and head_lr must be > 0" in result.stderr
