@@ -10,6 +10,7 @@ loss, backward, optimizer step (and teacher update where there is a teacher).
     gradtools K=1             + 5 * R_s (gradtools.SMART, steps=1, inf-token ball)
     gradtools K=1 + teacher   + 5 * R_s + 1 * D_Breg (gradtools.MomentumTeacher)
     gradtools K=2             + 5 * R_s with two ascent steps
+    gradtools K=1, dropout off  the extra passes in eval mode (no dropout masks drawn)
     smart-pytorch K=1 / K=2   + 5 * SMARTLoss(num_steps=K), sym-KL last loss (no projection, no teacher)
 
 Table (the numbers in benchmarks/RESULTS.md):
@@ -117,11 +118,20 @@ def variants(setup: Setup) -> dict[str, Callable[[], object]]:
         setup.step(ours_with_teacher)
         teacher.update(setup.model)
 
+    smart1_off = gradtools.SMART(steps=1, dropout="off")
+
+    def ours_dropout_off(embeds: Tensor, logits: Tensor) -> Tensor:
+        r_s = smart1_off(
+            setup.perturbed_forward, embeds, logits, mask=setup.mask, module=setup.model
+        )
+        return LAMBDA_S * r_s
+
     table: dict[str, Callable[[], object]] = {
         "plain": lambda: setup.step(),
         "gradtools K=1": lambda: setup.step(ours(smart1)),
         "gradtools K=1 + teacher": teacher_step,
         "gradtools K=2": lambda: setup.step(ours(smart2)),
+        "gradtools K=1, dropout off": lambda: setup.step(ours_dropout_off),
     }
     try:
         from smart_pytorch import SMARTLoss
@@ -154,6 +164,7 @@ VARIANT_NAMES = [
     "gradtools K=1",
     "gradtools K=1 + teacher",
     "gradtools K=2",
+    "gradtools K=1, dropout off",
     "smart-pytorch K=1",
     "smart-pytorch K=2",
 ]

@@ -82,10 +82,10 @@ def _broadcast_norms(norms: Tensor, like: Tensor, per_token: bool) -> Tensor:
 
 
 def normalize_direction(grad: Tensor, norm: str) -> Tensor:
-    """``grad / ||grad||`` in the dual-free sense SMART uses; zero where ``grad`` is zero.
+    """``grad / ||grad||`` in the configured norm, per token or per example; zero stays zero.
 
-    For the inf-norms this divides by the largest magnitude (per token or per
-    example), for the L2 norms by the Euclidean length.
+    For the inf-norms this divides by the largest magnitude (as the paper's
+    ``g / ||g||_inf``), for the L2 norms by the Euclidean length.
     """
     _, per_token = _parse_norm(norm)
     norms = _broadcast_norms(delta_norms(grad, norm), grad, per_token)
@@ -120,8 +120,8 @@ class SMARTStats:
         r_s: the returned regularizer (sum over outputs).
         per_output: ``R_s`` of each output, keyed by its dict key, its tuple index
             (``"0"``, ``"1"``...) or ``"output"`` for a single tensor.
-        start_divergence: the divergence at the noise start, before any ascent step
-            (``None`` when ``steps == 0``); ``r_s`` above it shows the ascent at work.
+        start_divergence: the divergence at the (unprojected) noise start, before any
+            ascent step (``None`` when ``steps == 0``).
         delta_norm_max: the largest achieved norm of the final ``delta`` (per token or
             per example, as configured, over real tokens); at most ``epsilon``.
         delta_norm_mean: the mean achieved norm over real tokens or examples.
