@@ -426,3 +426,35 @@ def test_on_cuda_replay_and_autocast_keep_delta_in_float32() -> None:
     assert (delta.abs() <= 1e-5 + final.abs() * 2.0**-24).all()
     r_s.backward()
     assert all(p.grad is not None for p in model.layer.parameters())
+
+
+def test_per_task_terms_compose_with_pcgrad() -> None:
+    from gradtools import PCGrad
+
+    model = _model(15)
+    embeds = torch.randn(4, 5, 6)
+    out = model.multitask(embeds)
+    smart = SMART(1e-2, 1e-2, generator=torch.Generator().manual_seed(1))
+    r_s = smart(model.multitask, embeds, out, kind={"cls": "kl", "reg": "mse"}, per_output=True)
+    assert isinstance(r_s, dict)
+    losses = [
+        nn.functional.cross_entropy(out["cls"], torch.tensor([0, 1, 2, 0])) + 5.0 * r_s["cls"],
+        nn.functional.mse_loss(out["reg"], torch.zeros(4)) + 5.0 * r_s["reg"],
+    ]
+    # Each head belongs to one task, so PCGrad gives it that task's plain gradient:
+    # R_s of that task, and only of that task, must be in it.
+    expected_cls = torch.autograd.grad(losses[0], model.head.weight, retain_graph=True)[0]
+    expected_reg = torch.autograd.grad(losses[1], model.score.weight, retain_graph=True)[0]
+    without_rs = torch.autograd.grad(
+        nn.functional.mse_loss(out["reg"], torch.zeros(4)), model.score.weight, retain_graph=True
+    )[0]
+    assert not torch.allclose(expected_reg, without_rs)
+    cross = torch.autograd.grad(r_s["cls"], model.score.weight, retain_graph=True, allow_unused=True)
+    assert cross[0] is None  # the classification term does not reach the regression head
+    optimizer = PCGrad(torch.optim.SGD(model.parameters(), lr=0.1))
+    optimizer.backward(losses)
+    assert model.head.weight.grad is not None and model.score.weight.grad is not None
+    assert torch.allclose(model.head.weight.grad, expected_cls, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(model.score.weight.grad, expected_reg, rtol=1e-5, atol=1e-7)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    optimizer.step()
