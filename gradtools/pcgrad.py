@@ -385,7 +385,7 @@ class PCGrad(Optimizer):
         self._orders = self._draw_orders(num_tasks)
         self._buckets = {}
         if self._bucket_mode(params) and num_tasks > 1:
-            self._buckets = _Bucket.for_shared(params, reached, num_tasks, self._explicit_shared)
+            self._buckets = _Bucket.for_shared(params, reached, self._explicit_shared)
 
     def _bucket_mode(self, params: list[Tensor]) -> bool:
         if self.granularity != "all":
@@ -404,7 +404,6 @@ class PCGrad(Optimizer):
         for p, bucket in self._buckets.items():
             if p in reached and p not in grads:
                 grads[p] = bucket.view(task, p)
-                bucket.tasks.add(task)
         for p, accumulator in grads.items():
             p.grad = accumulator
         loss.backward(retain_graph=retain)
@@ -633,7 +632,6 @@ class PCGrad(Optimizer):
                     bucket = self._buckets.get(p)
                     if bucket is not None:
                         grads[p] = bucket.view(task, p)
-                        bucket.tasks.add(task)
                     else:
                         grads[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 tensors.append(grads[p])
@@ -738,33 +736,33 @@ _ACCUMULATE_GRAD = _accumulate_grad_type()
 
 
 class _Bucket:
-    """The per-task gradients of some shared parameters, side by side in one tensor.
+    """The per-task gradients of some shared parameters, each task's in one flat tensor.
 
-    ``data[t]`` is task t's gradient of all the bucket's parameters, one after the
-    other; each parameter's ``.grad`` is pointed at its slice before task t's
+    ``rows[t]`` holds task t's gradient of all the bucket's parameters, one after
+    the other; each parameter's ``.grad`` is pointed at its slice before task t's
     backward pass, so autograd accumulates there. The Gram block is then a few
-    dot products over whole rows and the combination one matrix-vector product:
+    dot products over whole rows and the combination a few whole-row operations:
     a handful of kernel launches instead of several per parameter, which is
     what matters on a GPU. (On a CPU, taking autograd's fresh tensors is cheaper
     than zero-filling and adding into a bucket, so buckets are off there by default.)
+    A row is allocated only when its task's backward pass starts, so the rows
+    do not all sit beside the activations of the first task.
     """
 
-    def __init__(self, params: list[Tensor], num_tasks: int) -> None:
+    def __init__(self, params: list[Tensor]) -> None:
         self.params = params
         self.offsets: dict[Tensor, int] = {}
-        total = 0
+        self.numel = 0
         for p in params:
-            self.offsets[p] = total
-            total += p.numel()
-        self.data = torch.zeros(num_tasks, total, dtype=params[0].dtype, device=params[0].device)
-        self.tasks: set[int] = set()
+            self.offsets[p] = self.numel
+            self.numel += p.numel()
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.rows: dict[int, Tensor] = {}
 
     @staticmethod
     def for_shared(
-        params: list[Tensor],
-        reached: list[set[Tensor]],
-        num_tasks: int,
-        explicit_shared: set[int] | None,
+        params: list[Tensor], reached: list[set[Tensor]], explicit_shared: set[int] | None
     ) -> dict[Tensor, _Bucket]:
         """Buckets (one per device and dtype) for the parameters shared in this call's graphs."""
         by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
@@ -775,29 +773,31 @@ class _Bucket:
                 by_kind[(p.device, p.dtype)].append(p)
         buckets: dict[Tensor, _Bucket] = {}
         for group in by_kind.values():
-            bucket = _Bucket(group, num_tasks)
+            bucket = _Bucket(group)
             buckets.update(dict.fromkeys(group, bucket))
         return buckets
 
     def view(self, task: int, p: Tensor) -> Tensor:
+        """Task ``task``'s slice for ``p`` (allocating the task's row on first use)."""
+        row = self.rows.get(task)
+        if row is None:
+            row = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            self.rows[task] = row
         start = self.offsets[p]
-        return self.data[task, start : start + p.numel()].view_as(p)
+        return row[start : start + p.numel()].view_as(p)
 
     def gram_item(self) -> _GramItem:
-        return _GramItem([(t, self.data[t]) for t in sorted(self.tasks)], self.data.shape[1])
+        return _GramItem([(t, self.rows[t]) for t in sorted(self.rows)], self.numel)
 
     def combine(self, weights: list[float]) -> list[tuple[Tensor, Tensor, bool]]:
-        """Each parameter's slice of ``sum_t weights[t] * data[t]``."""
-        rows = sorted(self.tasks)
-        w = [weights[t] for t in rows]
-        data = self.data[rows]  # a copy only when some task reached none of the bucket
+        """Each parameter's slice of ``sum_t weights[t] * rows[t]``."""
+        tasks = sorted(self.rows)
+        w = [weights[t] for t in tasks]
+        rows = [self.rows[t] for t in tasks]
         if not _weights_are_safe(w):
-            total = torch.tensor(w, dtype=torch.float64, device=data.device) @ data.double()
+            total = _weighted_sum_float64(rows, w, self.dtype)
         else:
-            compute = torch.float32 if data.dtype in _HALF_DTYPES else data.dtype
-            w_dev = torch.tensor(w, dtype=compute, device=data.device)
-            total = w_dev @ data.to(compute)
-        total = total.to(self.data.dtype)
+            total = _weighted_sum([[row] for row in rows], w, self.dtype)[0]
         return [
             (p, total[start : start + p.numel()].view_as(p), True)
             for p, start in self.offsets.items()

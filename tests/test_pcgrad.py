@@ -15,11 +15,17 @@ from collections.abc import Callable, Sequence
 
 import pytest
 import torch
-import torch_optimizer
 from torch import Tensor, nn
 
 import gradtools
 from gradtools import PCGrad
+
+try:  # the "bench" extra; the torch_optimizer cases are skipped without it
+    import torch_optimizer
+except ImportError:  # pragma: no cover - depends on the environment
+    torch_optimizer = None
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # ---------------------------------------------------------------------- fixtures
 
@@ -540,6 +546,8 @@ OPTIMIZERS: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_wraps_optimizer(name: str, buckets: bool) -> None:
     """Each step equals the bare optimizer stepping on the reference gradient."""
+    if name.startswith("torch_optimizer") and torch_optimizer is None:
+        pytest.skip("torch_optimizer is not installed")
     make = OPTIMIZERS[name]
     net, twin = make_net(12), make_net(12)
     opt = PCGrad(
@@ -865,3 +873,46 @@ def test_data_parallel_surgery_runs_on_global_task_gradients(tmp_path) -> None: 
     trunk = names.index("trunk.0.weight")
     averaged = (local[0][trunk] + local[1][trunk]) / 2  # type: ignore[operator]
     assert not torch.allclose(averaged, expected[trunk])  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------- CUDA
+
+
+@CUDA
+def test_cuda_matches_the_reference(buckets: bool) -> None:
+    net = make_net(22, dtype=torch.float32).cuda()
+    batches = [(x.cuda(), y.cuda()) for x, y in make_batches(dtype=torch.float32)]
+    opt = sgd_pcgrad(net, gradient_buckets=buckets)
+    opt.backward(task_losses(net, batches))
+    assert opt.stats is not None and opt.stats.projected.any()
+    reference_net = make_net(22)
+    reference_batches = make_batches()
+    params = list(reference_net.parameters())
+    expected = reference_grads(
+        params, task_losses(reference_net, reference_batches), opt.stats.orders
+    )
+    for p, e in zip(net.parameters(), expected, strict=True):
+        if e is None:
+            assert p.grad is None
+        else:
+            assert p.grad is not None and p.grad.is_cuda
+            torch.testing.assert_close(p.grad.double().cpu(), e, rtol=1e-4, atol=1e-5)
+
+
+@CUDA
+def test_cuda_grad_scaler_fp16(buckets: bool) -> None:
+    net = make_net(23, dtype=torch.float32).cuda()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = PCGrad(torch.optim.AdamW(net.parameters(), lr=0.01), gradient_buckets=buckets)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**8)
+    batches = [(x.cuda(), y.cuda()) for x, y in make_batches(dtype=torch.float32)]
+    for signs in (SIGNS, (1.0, float("inf"), 1.0)):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            losses = task_losses(net, batches, signs)
+        opt.backward([scaler.scale(loss.float()) for loss in losses])
+        scaler.step(opt)
+        scaler.update()
+    assert scaler.get_scale() == 2.0**7  # the second step was skipped
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))

@@ -1,0 +1,1 @@
+"""Reference implementations we measure against (not part of the library)."""
