@@ -1,11 +1,13 @@
 """PCGrad as a wrapper around any ``torch.optim.Optimizer``.
 
-This module is the autograd plumbing: it runs one backward pass per task, keeps
-each task's gradient per parameter (taking the fresh ``.grad`` tensors autograd
-produces, never copying the model), builds the T x T Gram matrix of the task
-gradients one small block per parameter, asks :mod:`gradtools.aggregation` for
-the task weights, and writes ``sum_j w_j g_j`` into ``.grad``. It knows nothing
-about projection formulas.
+This module is the autograd plumbing: it walks the losses' graphs (to free each
+one as early as possible and to know which parameters each task reaches), runs
+one backward pass per task, keeps each task's gradient (taking the fresh
+``.grad`` tensors autograd produces, or, on a GPU, slices of one flat row per
+task: never a copy of the model), builds the T x T Gram matrix of the task
+gradients from small per-parameter or per-row blocks with one transfer to the
+host, asks :mod:`gradtools.aggregation` for the task weights, and writes
+``sum_j w_j g_j`` into ``.grad``. It knows nothing about projection formulas.
 
 Usage::
 
@@ -303,7 +305,8 @@ class PCGrad(Optimizer):
         """Backpropagate one scalar loss per task and (by default) combine them into ``.grad``.
 
         Call it several times before :meth:`step` to accumulate: the per-task
-        gradients add up and the surgery runs on the sums.
+        gradients add up and the surgery runs on the sums (``.grad`` is rewritten
+        from them by each call, so edit ``.grad``, e.g. clip it, only after the last).
 
         Args:
             losses: one scalar loss per task, the same number on every call of a step.
@@ -385,6 +388,10 @@ class PCGrad(Optimizer):
         self._orders = self._draw_orders(num_tasks)
         self._buckets = {}
         if self._bucket_mode(params) and num_tasks > 1:
+            if self.process_group is not None:
+                # Every rank must lay out its buckets alike (the Gram matrix is summed
+                # in bucket order), so plan them from what any rank's tasks reach.
+                reached = self._reached_on_any_rank(params, reached)
             self._buckets = _Bucket.for_shared(params, reached, self._explicit_shared)
 
     def _bucket_mode(self, params: list[Tensor]) -> bool:
@@ -605,6 +612,20 @@ class PCGrad(Optimizer):
             dist.broadcast(shipped, src=src, group=self.process_group)
             orders = shipped.cpu()
         return orders
+
+    def _reached_on_any_rank(
+        self, params: list[Tensor], reached: list[set[Tensor]]
+    ) -> list[set[Tensor]]:
+        group = self.process_group
+        assert group is not None
+        flags = torch.tensor(
+            [[p in leaves for p in params] for leaves in reached],
+            dtype=torch.uint8,
+            device=_collective_device(group),
+        ).reshape(len(reached), len(params))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        rows = flags.cpu().tolist()
+        return [{p for p, flag in zip(params, row, strict=True) if flag} for row in rows]
 
     def _average_across_ranks(self, params: list[Tensor]) -> None:
         """Average every task's gradients over the process group, in place."""

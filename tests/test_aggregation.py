@@ -25,7 +25,7 @@ from gradtools.aggregation import (
 )
 
 SETTINGS = settings(
-    max_examples=120,
+    max_examples=80,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],

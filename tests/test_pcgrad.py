@@ -805,30 +805,41 @@ def test_stats_describe_the_task_gradients(buckets: bool) -> None:
 # ---------------------------------------------------------------------- data parallel
 
 
+def _ddp_losses(net: MultiTaskNet, batches, rank: int) -> list[Tensor]:
+    """Rank ``rank``'s task losses: a mean over its half of each batch. Only rank 1's
+    tasks 0 and 1 also use ``net.unused``: the ranks disagree on what the tasks
+    reach and on whether ``unused`` is shared."""
+    losses = [loss / 4 for loss in task_losses(net, batches)]
+    if rank == 1:
+        losses[0] = losses[0] + 0.5 * net.unused.sum()
+        losses[1] = losses[1] - 0.3 * (net.unused**2).sum()
+    return losses
+
+
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        net = make_net(21)
         big = make_batches(n=8, seed=5)
         half = [(x[rank * 4 : rank * 4 + 4], y[rank * 4 : rank * 4 + 4]) for x, y in big]
-        # Each rank draws its own orders; the wrapper must use rank 0's.
-        opt = PCGrad(
-            torch.optim.SGD(net.parameters(), lr=0.1),
-            generator=torch.Generator().manual_seed(100 + rank),
-            process_group=dist.group.WORLD,
-        )
-        # A local mean over half the batch, averaged over 2 ranks = the global mean.
-        opt.backward([loss / 4 for loss in task_losses(net, half)])
-        assert opt.stats is not None
-        grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-        opt.step()
-        torch.save(
-            {"grads": grads, "orders": opt.stats.orders, "params": dict(net.named_parameters())},
-            f"{out_dir}/rank{rank}.pt",
-        )
+        results = {}
+        for buckets in (False, True):
+            net = make_net(21)
+            # Each rank draws its own orders; the wrapper must use rank 0's.
+            opt = PCGrad(
+                torch.optim.SGD(net.parameters(), lr=0.1),
+                generator=torch.Generator().manual_seed(100 + rank),
+                process_group=dist.group.WORLD,
+                gradient_buckets=buckets,
+            )
+            opt.backward(_ddp_losses(net, half, rank))
+            assert opt.stats is not None
+            grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+            opt.step()
+            results[buckets] = {"grads": grads, "orders": opt.stats.orders}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -838,38 +849,39 @@ def test_data_parallel_surgery_runs_on_global_task_gradients(tmp_path) -> None: 
     import torch.multiprocessing as mp
 
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    assert torch.equal(ranks[0]["orders"], ranks[1]["orders"])
-    orders = ranks[0]["orders"]
-    assert torch.equal(
-        orders, gradtools.aggregation.draw_orders(3, torch.Generator().manual_seed(100))
-    )
-
+    saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     net = make_net(21)
     params = list(net.parameters())
-    big = make_batches(n=8, seed=5)
-    expected = reference_grads(params, [loss / 8 for loss in task_losses(net, big)], orders)
     names = [n for n, _ in net.named_parameters()]
-    for name, want in zip(names, expected, strict=True):
-        for r in range(2):
-            if want is None:
-                assert name not in ranks[r]["grads"]
-            else:
-                torch.testing.assert_close(ranks[r]["grads"][name], want, rtol=1e-12, atol=1e-12)
-    # Surgery on each rank's own gradients, then averaged, would differ here.
-    local = [
-        reference_grads(
-            params,
-            [
-                loss / 4
-                for loss in task_losses(
-                    net, [(x[r * 4 : r * 4 + 4], y[r * 4 : r * 4 + 4]) for x, y in big]
-                )
-            ],
-            orders,
+    big = make_batches(n=8, seed=5)
+    halves = [[(x[r * 4 : r * 4 + 4], y[r * 4 : r * 4 + 4]) for x, y in big] for r in range(2)]
+
+    def global_losses() -> list[Tensor]:
+        # The average over ranks of each rank's task loss.
+        per_rank = [_ddp_losses(net, halves[r], r) for r in range(2)]
+        return [(a + b) / 2 for a, b in zip(*per_rank, strict=True)]
+
+    for buckets in (False, True):
+        ranks = [saved[r][buckets] for r in range(2)]
+        orders = ranks[0]["orders"]
+        assert torch.equal(orders, ranks[1]["orders"])
+        assert torch.equal(
+            orders, gradtools.aggregation.draw_orders(3, torch.Generator().manual_seed(100))
         )
-        for r in range(2)
-    ]
+        expected = reference_grads(params, global_losses(), orders)
+        assert expected[names.index("unused")] is not None
+        for name, want in zip(names, expected, strict=True):
+            for r in range(2):
+                if want is None:
+                    assert name not in ranks[r]["grads"]
+                else:
+                    torch.testing.assert_close(
+                        ranks[r]["grads"][name], want, rtol=1e-12, atol=1e-12
+                    )
+            if want is not None:  # replicas must stay bit-for-bit identical
+                assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name])
+    # Surgery on each rank's own gradients, then averaged, would differ here.
+    local = [reference_grads(params, _ddp_losses(net, halves[r], r), orders) for r in range(2)]
     trunk = names.index("trunk.0.weight")
     averaged = (local[0][trunk] + local[1][trunk]) / 2  # type: ignore[operator]
     assert not torch.allclose(averaged, expected[trunk])  # type: ignore[arg-type]
