@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from gradtools.adamw import AdamWHyper
+    from gradtools.adamw import AdamWHyper, AdamWTensors
 
 _kernels: dict[bool, Callable[..., None]] = {}
 _unavailable: str | None = None
@@ -65,34 +65,33 @@ def _eligible(p: Tensor) -> bool:
     return p.is_contiguous() and not torch.is_complex(p) and p.is_floating_point()
 
 
-def step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    hyper: AdamWHyper,
-) -> bool:
+def step(tensors: AdamWTensors, hyper: AdamWHyper) -> bool:
     """Run the compiled update; return False (having changed nothing) if unavailable."""
     global _unavailable
     if _unavailable is not None:
         return False
     from gradtools.adamw import _for_loop_step, bias_corrections
 
-    compiled = [i for i, p in enumerate(params) if _eligible(p) and grads[i].is_contiguous()]
+    compiled = [
+        i for i, p in enumerate(tensors.params) if _eligible(p) and tensors.grads[i].is_contiguous()
+    ]
     if not compiled:
         return False
     kernel = _kernel(hyper.amsgrad)
     scalars: dict[tuple[float, torch.device, torch.dtype], dict[str, Tensor]] = {}
     for position, i in enumerate(compiled):
-        p = params[i]
-        next_step = float(steps[i].item()) + 1
+        p = tensors.params[i]
+        next_step = float(tensors.steps[i].item()) + 1
         key = (next_step, p.device, p.dtype)
         if key not in scalars:
             scalars[key] = _scalars(hyper, next_step, p.device, p.dtype, bias_corrections)
-        max_sq = max_exp_avg_sqs[i].view(-1) if hyper.amsgrad else None
-        flat = (p.view(-1), grads[i].view(-1), exp_avgs[i].view(-1), exp_avg_sqs[i].view(-1))
+        max_sq = tensors.max_exp_avg_sqs[i].view(-1) if hyper.amsgrad else None
+        flat = (
+            p.view(-1),
+            tensors.grads[i].view(-1),
+            tensors.exp_avgs[i].view(-1),
+            tensors.exp_avg_sqs[i].view(-1),
+        )
         if position == 0:
             # The first call compiles; without a working compiler nothing has
             # been changed yet, so the caller can fall back cleanly.
@@ -109,20 +108,13 @@ def step(
                 return False
         else:
             kernel(*flat, max_sq, **scalars[key])
-        steps[i] += 1
+        tensors.steps[i] += 1
 
+    # Complex, non-contiguous or integer leftovers take the reference path.
     compiled_set = set(compiled)
-    rest = [i for i in range(len(params)) if i not in compiled_set]
+    rest = [i for i in range(len(tensors.params)) if i not in compiled_set]
     if rest:
-        _for_loop_step(
-            [params[i] for i in rest],
-            [grads[i] for i in rest],
-            [exp_avgs[i] for i in rest],
-            [exp_avg_sqs[i] for i in rest],
-            [max_exp_avg_sqs[i] for i in rest] if hyper.amsgrad else [],
-            [steps[i] for i in rest],
-            hyper,
-        )
+        _for_loop_step(tensors.subset(rest), hyper)
     return True
 
 

@@ -35,19 +35,50 @@ Three implementations of the same update:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["AdamW", "AdamWHyper", "adamw_step"]
+__all__ = ["AdamW", "AdamWHyper", "AdamWTensors", "adamw_step"]
 
 Implementation = Literal["for-loop", "foreach", "compiled"]
 
 # Devices where torch defaults to its foreach kernels; we default the same way.
 _FOREACH_DEFAULT_DEVICES = ("cuda", "xpu", "mtia")
+
+
+@dataclass
+class AdamWTensors:
+    """The tensors one AdamW update reads and writes, aligned by parameter.
+
+    ``max_exp_avg_sqs`` is empty unless amsgrad is on; ``steps`` are the
+    per-parameter step counters (float32 CPU scalars, as in torch).
+    """
+
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    exp_avgs: list[Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    max_exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    steps: list[Tensor] = field(default_factory=list)
+
+    def subset(self, indices: list[int]) -> AdamWTensors:
+        """The same tensors for the parameters at ``indices`` only."""
+
+        def pick(tensors: list[Tensor]) -> list[Tensor]:
+            return [tensors[i] for i in indices] if tensors else []
+
+        return AdamWTensors(
+            pick(self.params),
+            pick(self.grads),
+            pick(self.exp_avgs),
+            pick(self.exp_avg_sqs),
+            pick(self.max_exp_avg_sqs),
+            pick(self.steps),
+        )
 
 
 @dataclass(frozen=True)
@@ -161,8 +192,8 @@ class AdamW(Optimizer):
                 loss = closure()
 
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._gather(group)
-            if not params:
+            tensors = self._gather(group)
+            if not tensors.params:
                 continue
             beta1, beta2 = group["betas"]
             hyper = AdamWHyper(
@@ -175,28 +206,12 @@ class AdamW(Optimizer):
                 maximize=bool(group["maximize"]),
                 correct_bias=bool(group["correct_bias"]),
             )
-            adamw_step(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                steps,
-                hyper,
-                implementation=_choose_implementation(group, params),
-            )
+            adamw_step(tensors, hyper, implementation=_choose_implementation(group, tensors.params))
         return loss
 
-    def _gather(
-        self, group: dict[str, Any]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    def _gather(self, group: dict[str, Any]) -> AdamWTensors:
         """Collect the parameters that have a gradient, creating state lazily."""
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        exp_avgs: list[Tensor] = []
-        exp_avg_sqs: list[Tensor] = []
-        max_exp_avg_sqs: list[Tensor] = []
-        steps: list[Tensor] = []
+        tensors = AdamWTensors()
         for index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue  # an untouched parameter: no step, no decay, no state
@@ -213,14 +228,14 @@ class AdamW(Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if group["amsgrad"] and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            tensors.params.append(p)
+            tensors.grads.append(p.grad)
+            tensors.exp_avgs.append(state["exp_avg"])
+            tensors.exp_avg_sqs.append(state["exp_avg_sq"])
             if group["amsgrad"]:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+                tensors.max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            tensors.steps.append(state["step"])
+        return tensors
 
 
 def _choose_implementation(group: dict[str, Any], params: list[Tensor]) -> Implementation:
@@ -233,31 +248,20 @@ def _choose_implementation(group: dict[str, Any], params: list[Tensor]) -> Imple
 
 
 def adamw_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
+    tensors: AdamWTensors,
     hyper: AdamWHyper,
     implementation: Implementation = "for-loop",
 ) -> None:
-    """Functional AdamW: update ``params`` and their state in place.
-
-    ``max_exp_avg_sqs`` is used only with ``hyper.amsgrad`` (pass an empty list
-    otherwise). ``steps`` are the per-parameter step counters, incremented here.
-    """
+    """Functional AdamW: update the parameters and their state in place."""
     if implementation == "for-loop":
-        _for_loop_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper)
+        _for_loop_step(tensors, hyper)
     elif implementation == "foreach":
-        _foreach_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper)
+        _foreach_step(tensors, hyper)
     elif implementation == "compiled":
         from gradtools import _adamw_compiled
 
-        if not _adamw_compiled.step(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper
-        ):
-            _foreach_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, hyper)
+        if not _adamw_compiled.step(tensors, hyper):
+            _foreach_step(tensors, hyper)
     else:
         raise ValueError(
             f"implementation must be 'for-loop', 'foreach' or 'compiled', got {implementation!r}"
@@ -282,29 +286,23 @@ def _real_views(*tensors: Tensor) -> list[Tensor]:
     return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
 
 
-def _for_loop_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    hyper: AdamWHyper,
-) -> None:
-    for i, param in enumerate(params):
-        grad = -grads[i] if hyper.maximize else grads[i]
-        step_t = steps[i]
+def _for_loop_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
+    for i, param in enumerate(tensors.params):
+        grad = -tensors.grads[i] if hyper.maximize else tensors.grads[i]
+        step_t = tensors.steps[i]
         step_t += 1
         if hyper.weight_decay != 0:
             param.mul_(1 - hyper.lr * hyper.weight_decay)
-        param, grad, exp_avg, exp_avg_sq = _real_views(param, grad, exp_avgs[i], exp_avg_sqs[i])
+        param, grad, exp_avg, exp_avg_sq = _real_views(
+            param, grad, tensors.exp_avgs[i], tensors.exp_avg_sqs[i]
+        )
 
         exp_avg.lerp_(grad, 1 - hyper.beta1)
         exp_avg_sq.mul_(hyper.beta2).addcmul_(grad, grad, value=1 - hyper.beta2)
 
         step_size, bias_correction2_sqrt = bias_corrections(hyper, step_t.item())
         if hyper.amsgrad:
-            (max_exp_avg_sq,) = _real_views(max_exp_avg_sqs[i])
+            (max_exp_avg_sq,) = _real_views(tensors.max_exp_avg_sqs[i])
             torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
             second_moment = max_exp_avg_sq
         else:
@@ -313,49 +311,37 @@ def _for_loop_step(
         param.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-def _foreach_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    max_exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    hyper: AdamWHyper,
-) -> None:
+def _foreach_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
     # foreach kernels need every list on one device and dtype.
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
+    for i, p in enumerate(tensors.params):
         groups.setdefault((p.device, p.dtype), []).append(i)
     for indices in groups.values():
-
-        def pick(tensors: list[Tensor], idx: list[int] = indices) -> list[Tensor]:
-            return _real_views(*(tensors[i] for i in idx))
-
-        group_params = pick(params)
-        group_grads = pick(grads)
-        group_exp_avgs = pick(exp_avgs)
-        group_exp_avg_sqs = pick(exp_avg_sqs)
-        group_steps = [steps[i] for i in indices]
+        group = tensors.subset(indices)
+        params = _real_views(*group.params)
+        grads = _real_views(*group.grads)
+        exp_avgs = _real_views(*group.exp_avgs)
+        exp_avg_sqs = _real_views(*group.exp_avg_sqs)
 
         if hyper.maximize:
-            group_grads = list(torch._foreach_neg(group_grads))
-        torch._foreach_add_(group_steps, 1)
+            grads = list(torch._foreach_neg(grads))
+        torch._foreach_add_(group.steps, 1)
         if hyper.weight_decay != 0:
-            torch._foreach_mul_(group_params, 1 - hyper.lr * hyper.weight_decay)
-        torch._foreach_lerp_(group_exp_avgs, group_grads, 1 - hyper.beta1)
-        torch._foreach_mul_(group_exp_avg_sqs, hyper.beta2)
-        torch._foreach_addcmul_(group_exp_avg_sqs, group_grads, group_grads, 1 - hyper.beta2)
-        del group_grads
+            torch._foreach_mul_(params, 1 - hyper.lr * hyper.weight_decay)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - hyper.beta1)
+        torch._foreach_mul_(exp_avg_sqs, hyper.beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - hyper.beta2)
+        del grads
 
-        corrections = [bias_corrections(hyper, s.item()) for s in group_steps]
+        corrections = [bias_corrections(hyper, s.item()) for s in group.steps]
         negative_step_sizes = [-step_size for step_size, _ in corrections]
         bias_correction2_sqrts = [sqrt for _, sqrt in corrections]
         if hyper.amsgrad:
-            group_max = pick(max_exp_avg_sqs)
-            torch._foreach_maximum_(group_max, group_exp_avg_sqs)
-            denoms = torch._foreach_sqrt(group_max)
+            max_exp_avg_sqs = _real_views(*group.max_exp_avg_sqs)
+            torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+            denoms = torch._foreach_sqrt(max_exp_avg_sqs)
         else:
-            denoms = torch._foreach_sqrt(group_exp_avg_sqs)
+            denoms = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denoms, bias_correction2_sqrts)
         torch._foreach_add_(denoms, hyper.eps)
-        torch._foreach_addcdiv_(group_params, group_exp_avgs, denoms, negative_step_sizes)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, negative_step_sizes)
