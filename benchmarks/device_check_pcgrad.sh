@@ -7,6 +7,6 @@
 set -x
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/.pcgrad_gpu/site:$PWD
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
-timeout 90 python3 -m pytest tests/test_pcgrad.py -q -p no:cacheprovider -k "cuda or matches_flat" 2>&1 | tail -4
-timeout 150 python3 benchmarks/bench_pcgrad.py --device cuda --repeats 20 --breakdown 2>&1 | grep -v USDT
-timeout 60 python3 benchmarks/bench_pcgrad.py --device cuda --repeats 10 --batch 32 --tokens 128 --settings separate --no-memory 2>&1 | grep -v USDT
+timeout 60 python3 -m pytest tests/test_pcgrad.py -q -p no:cacheprovider -k "cuda or matches_flat" 2>&1 | tail -4
+timeout 120 python3 benchmarks/bench_pcgrad.py --device cuda --repeats 15 --breakdown 2>&1 | grep -v USDT
+timeout 40 python3 benchmarks/bench_pcgrad.py --device cuda --repeats 10 --batch 32 --tokens 128 --settings separate --no-memory 2>&1 | grep -v USDT

@@ -28,6 +28,7 @@ onto them, and their own coefficient row is the identity.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -146,8 +147,9 @@ def pcgrad(gram: Tensor, orders: Tensor) -> PCGradResult:
             batched Gram matrices.
 
     Returns:
-        A :class:`PCGradResult` with float64 ``coefficients`` such that
-        ``g_i^PC = sum_j coefficients[..., i, j] * g_j``, and the ``projected`` mask.
+        A :class:`PCGradResult` with float64 ``coefficients`` (on the CPU) such
+        that ``g_i^PC = sum_j coefficients[..., i, j] * g_j``, and the
+        ``projected`` mask.
 
     Raises:
         ValueError: on a malformed or non-finite ``gram`` or malformed ``orders``.
@@ -155,40 +157,66 @@ def pcgrad(gram: Tensor, orders: Tensor) -> PCGradResult:
     _check_gram(gram)
     num_tasks = gram.shape[-1]
     validate_orders(orders, num_tasks)
-    gram = gram.to(torch.float64)
-    norms, nonzero, corr = _norms_and_correlation(gram)
-
     batch = gram.shape[:-2]
-    # basis[..., i, k]: coefficients of g_i^PC / |g_i| on the unit vectors u_k = g_k / |g_k|.
-    # Each projection removes at most the current vector's length (<= 1) along one
-    # unit vector, so these coefficients stay within [-T, T] at any gradient scale.
-    basis = (
-        torch.eye(num_tasks, dtype=torch.float64, device=gram.device)
-        .expand(*batch, num_tasks, num_tasks)
-        .clone()
+    # The matrices are T x T with T a handful: plain Python floats (IEEE float64)
+    # beat dozens of tiny tensor operations by an order of magnitude, and this
+    # runs once per training step.
+    grams = gram.detach().to(device="cpu", dtype=torch.float64).reshape(-1, num_tasks, num_tasks)
+    visit = orders.tolist()
+    coefficients = []
+    projected = []
+    for block in grams.tolist():
+        c, p = _pcgrad_block(block, visit)
+        coefficients.append(c)
+        projected.append(p)
+    shape = (*batch, num_tasks, num_tasks)
+    return PCGradResult(
+        torch.tensor(coefficients, dtype=torch.float64).reshape(shape),
+        torch.tensor(projected, dtype=torch.bool).reshape(shape),
     )
-    projected = torch.zeros(*batch, num_tasks, num_tasks, dtype=torch.bool, device=gram.device)
-    rows = torch.arange(num_tasks, device=gram.device)
-    order_cols = orders.to(device=gram.device, dtype=torch.int64)
-    # All tasks advance through their own orders in lockstep: at slot s, task i
-    # looks at task orders[i, s]. Each task's walk only touches its own row.
-    for slot in range(num_tasks - 1):
-        target = order_cols[:, slot]  # [T]
-        # <g_i^PC / |g_i|, u_target(i)> = sum_k basis[i, k] * corr[k, target(i)]
-        corr_to_target = corr[..., :, target].transpose(-1, -2)  # [..., T(i), T(k)]
-        dots = (basis * corr_to_target).sum(-1)  # [..., T]
-        conflict = (dots < 0) & nonzero[..., target] & nonzero
-        step = torch.where(conflict, dots, torch.zeros_like(dots))
-        basis[..., rows, target] = basis[..., rows, target] - step
-        projected[..., rows, target] = projected[..., rows, target] | conflict
 
-    # Back from unit vectors to the original gradients:
-    # C[i, j] = basis[i, j] * |g_i| / |g_j| (only for non-zero g_j; the diagonal is 1).
-    inv_norms = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, torch.ones_like(norms)), 0.0)
-    coefficients = (basis * norms.unsqueeze(-1)) * inv_norms.unsqueeze(-2)
-    eye = torch.eye(num_tasks, dtype=torch.bool, device=gram.device)
-    coefficients = torch.where(eye, torch.ones_like(coefficients), coefficients)
-    return PCGradResult(coefficients, projected)
+
+def _pcgrad_block(
+    gram: list[list[float]], orders: list[list[int]]
+) -> tuple[list[list[float]], list[list[bool]]]:
+    """PCGrad on one Gram matrix, in the normalised basis (see the module docstring)."""
+    num_tasks = len(gram)
+    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(num_tasks)]
+    nonzero = [n > _ZERO_NORM for n in norms]
+    inv = [1.0 / n if nz else 0.0 for n, nz in zip(norms, nonzero, strict=True)]
+    # corr[i][j]: cosine of g_i and g_j, one factor at a time so that no
+    # intermediate leaves float64's range; rounding may leave [-1, 1] slightly.
+    corr = [
+        [
+            (1.0 if nonzero[i] else 0.0)
+            if i == j
+            else min(1.0, max(-1.0, (gram[i][j] * inv[i]) * inv[j]))
+            for j in range(num_tasks)
+        ]
+        for i in range(num_tasks)
+    ]
+    coefficients = []
+    projected = []
+    for i in range(num_tasks):
+        # basis[k]: coefficient of g_i^PC / |g_i| on the unit vector u_k = g_k / |g_k|.
+        # Each projection removes at most the current vector's length (<= 1) along
+        # one unit vector, so these stay within [-T, T] at any gradient scale.
+        basis = [0.0] * num_tasks
+        basis[i] = 1.0
+        hit = [False] * num_tasks
+        for j in orders[i]:
+            dot = 0.0
+            for k in range(num_tasks):
+                dot += basis[k] * corr[k][j]
+            if dot < 0.0 and nonzero[i] and nonzero[j]:
+                basis[j] -= dot
+                hit[j] = True
+        # Back to the original gradients: C[i][j] = basis[j] |g_i| / |g_j|.
+        coefficients.append(
+            [1.0 if j == i else (basis[j] * norms[i]) * inv[j] for j in range(num_tasks)]
+        )
+        projected.append(hit)
+    return coefficients, projected
 
 
 def pcgrad_weights(gram: Tensor, orders: Tensor, reduction: Reduction = "sum") -> Tensor:

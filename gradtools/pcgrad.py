@@ -31,11 +31,13 @@ import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch._utils import _unflatten_dense_tensors
 from torch.autograd.profiler import record_function
 from torch.optim import Optimizer
 
@@ -192,6 +194,10 @@ class PCGrad(Optimizer):
             if not self._explicit_shared <= known:
                 raise ValueError("shared_params holds tensors that are not in the optimizer")
         self._stats: PCGradStats | None = None
+        # The statistics are built on first access, from small CPU tensors kept
+        # here: most steps nobody reads them, and on a GPU every host-side
+        # millisecond after the step's one sync leaves the device idle.
+        self._stats_source: Callable[[], PCGradStats] | None = None
         self._reset_accumulation()
 
     # ------------------------------------------------------------------ optimizer face
@@ -226,6 +232,8 @@ class PCGrad(Optimizer):
     @property
     def stats(self) -> PCGradStats | None:
         """Statistics of the last surgery, or ``None`` before the first one."""
+        if self._stats is None and self._stats_source is not None:
+            self._stats = self._stats_source()
         return self._stats
 
     def __repr__(self) -> str:
@@ -463,14 +471,17 @@ class PCGrad(Optimizer):
             # non-finite values where a GradScaler's inf check will find them.
             weights = torch.full((1, num_tasks), scale, dtype=torch.float64)
             block_of: dict[Tensor, int] = dict.fromkeys(shared, 0)
-            self._stats = _nonfinite_stats(self._orders, len(shared), nonfinite)
+            self._stats = None
+            self._stats_source = partial(_nonfinite_stats, self._orders, len(shared), nonfinite)
         else:
             with record_function("PCGrad.weights"):
                 grouped, block_of = self._group_blocks(loose_shared, shared_blocks)
                 result = pcgrad(grouped, self._orders)
                 weights = result.coefficients.sum(-2) * scale
-                self._stats = _stats(
-                    shared_blocks.sum(0),
+                self._stats = None
+                self._stats_source = partial(
+                    _stats,
+                    shared_blocks,
                     result.projected,
                     weights,
                     self._orders,
@@ -643,8 +654,8 @@ class PCGrad(Optimizer):
         dist.all_reduce(reached, op=dist.ReduceOp.MAX, group=group)
         reached_host = reached.cpu().tolist()
         world = dist.get_world_size(group)
-        handles = []
-        tensors = []
+        # Every rank lists the same tensors in the same order (task, then parameter).
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
         for task, grads in enumerate(self._task_grads):
             for k, p in enumerate(params):
                 if not reached_host[task][k]:
@@ -655,12 +666,16 @@ class PCGrad(Optimizer):
                         grads[p] = bucket.view(task, p)
                     else:
                         grads[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                tensors.append(grads[p])
-                handles.append(dist.all_reduce(grads[p], group=group, async_op=True))
-        for handle in handles:
-            handle.wait()
-        if tensors:
-            torch._foreach_div_(tensors, float(world))
+                by_kind[(grads[p].device, grads[p].dtype)].append(grads[p])
+        # One all-reduce of all tasks' gradients packed side by side (one per device
+        # and dtype, so usually exactly one): a single round of communication per
+        # step, instead of one per task or per tensor. The price is a flat copy of
+        # the per-task gradients for the duration of the call.
+        for tensors in by_kind.values():
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            dist.all_reduce(flat, group=group)
+            flat.div_(world)
+            torch._foreach_copy_(tensors, _unflatten_dense_tensors(flat, tensors))
 
     @staticmethod
     def _check_losses(losses: Sequence[Tensor]) -> list[Tensor]:
@@ -772,14 +787,11 @@ class _Bucket:
 
     def __init__(self, params: list[Tensor]) -> None:
         self.params = params
-        self.offsets: dict[Tensor, int] = {}
-        self.numel = 0
-        for p in params:
-            self.offsets[p] = self.numel
-            self.numel += p.numel()
+        self.numel = sum(p.numel() for p in params)
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.rows: dict[int, Tensor] = {}
+        self.views: dict[int, dict[Tensor, Tensor]] = {}
 
     @staticmethod
     def for_shared(
@@ -800,12 +812,15 @@ class _Bucket:
 
     def view(self, task: int, p: Tensor) -> Tensor:
         """Task ``task``'s slice for ``p`` (allocating the task's row on first use)."""
-        row = self.rows.get(task)
-        if row is None:
+        views = self.views.get(task)
+        if views is None:
             row = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
             self.rows[task] = row
-        start = self.offsets[p]
-        return row[start : start + p.numel()].view_as(p)
+            # All the row's views in one C++ call (a Python slice per parameter,
+            # per task and step, adds up to milliseconds on a GPU's critical path).
+            views = dict(zip(self.params, _unflatten_dense_tensors(row, self.params), strict=True))
+            self.views[task] = views
+        return views[p]
 
     def gram_item(self) -> _GramItem:
         return _GramItem([(t, self.rows[t]) for t in sorted(self.rows)], self.numel)
@@ -819,10 +834,8 @@ class _Bucket:
             total = _weighted_sum_float64(rows, w, self.dtype)
         else:
             total = _weighted_sum([[row] for row in rows], w, self.dtype)[0]
-        return [
-            (p, total[start : start + p.numel()].view_as(p), True)
-            for p, start in self.offsets.items()
-        ]
+        pieces = _unflatten_dense_tensors(total, self.params)
+        return [(p, piece, True) for p, piece in zip(self.params, pieces, strict=True)]
 
 
 class _GramItem:
@@ -840,50 +853,45 @@ def _gram_blocks(items: list[_GramItem], num_tasks: int) -> Tensor:
     float64 gradients); all of them come to the host in one transfer per device.
     Blocks whose float32 result may be inaccurate (an overflow to inf, or squared
     norms so small that products fell into float32's subnormal range) are
-    recomputed in float64; genuine inf/NaN gradients stay non-finite.
+    recomputed in float64; genuine inf/NaN gradients stay non-finite. The
+    bookkeeping is plain Python: hundreds of tiny tensor writes would cost more
+    than the dot products themselves on a GPU.
     """
-    blocks = torch.zeros(len(items), num_tasks, num_tasks, dtype=torch.float64)
-    if not items:
-        return blocks
+    blocks = [[[0.0] * num_tasks for _ in range(num_tasks)] for _ in items]
     per_device: dict[torch.device, tuple[list[Tensor], list[tuple[int, int, int]]]] = defaultdict(
         lambda: ([], [])
     )
-    present = torch.zeros(len(items), num_tasks, dtype=torch.bool)
-    numels = torch.zeros(len(items), dtype=torch.float64)
-    tiny = torch.zeros(len(items), dtype=torch.float64)
     for k, item in enumerate(items):
-        vectors = [(t, _in_dot_dtype(v)) for t, v in item.vectors]
-        item.vectors = vectors
-        numels[k] = item.numel
-        if vectors:
-            tiny[k] = torch.finfo(vectors[0][1].dtype).tiny * 2.0**26
-            dots, where = per_device[vectors[0][1].device]
-        for a, (i, vi) in enumerate(vectors):
-            present[k, i] = True
-            for j, vj in vectors[a:]:
+        item.vectors = [(t, _in_dot_dtype(v)) for t, v in item.vectors]
+        if not item.vectors:
+            continue
+        dots, where = per_device[item.vectors[0][1].device]
+        for a, (i, vi) in enumerate(item.vectors):
+            for j, vj in item.vectors[a:]:
                 dots.append(torch.dot(vi, vj))
                 where.append((k, i, j))
     for dots, where in per_device.values():
-        values = torch.stack(dots).to(device="cpu", dtype=torch.float64)  # the host sync
-        index = torch.tensor(where, dtype=torch.int64)
-        blocks[index[:, 0], index[:, 1], index[:, 2]] = values
-        blocks[index[:, 0], index[:, 2], index[:, 1]] = values
+        values = torch.stack(dots).to(device="cpu", dtype=torch.float64).tolist()  # the host sync
+        for (k, i, j), value in zip(where, values, strict=True):
+            blocks[k][i][j] = value
+            blocks[k][j][i] = value
 
-    diag = blocks.diagonal(dim1=-2, dim2=-1)
-    inaccurate = (~torch.isfinite(blocks)).flatten(1).any(1) | (
-        present & (diag < (numels * tiny).unsqueeze(1))
-    ).any(1)
-    for k in inaccurate.nonzero().flatten().tolist():
-        vectors = items[k].vectors
-        if vectors[0][1].dtype == torch.float64:
+    for k, item in enumerate(items):
+        if not item.vectors or item.vectors[0][1].dtype == torch.float64:
             continue
-        wide = [(t, v.to(torch.float64)) for t, v in vectors]
-        for a, (i, vi) in enumerate(wide):
-            for j, vj in wide[a:]:
-                value = float(torch.dot(vi, vj))
-                blocks[k, i, j] = value
-                blocks[k, j, i] = value
-    return blocks
+        block = blocks[k]
+        floor = item.numel * torch.finfo(torch.float32).tiny * 2.0**26
+        inaccurate = any(not math.isfinite(x) for row in block for x in row) or any(
+            block[t][t] < floor for t, _ in item.vectors
+        )
+        if inaccurate:
+            wide = [(t, v.to(torch.float64)) for t, v in item.vectors]
+            for a, (i, vi) in enumerate(wide):
+                for j, vj in wide[a:]:
+                    value = float(torch.dot(vi, vj))
+                    block[i][j] = value
+                    block[j][i] = value
+    return torch.tensor(blocks, dtype=torch.float64).reshape(len(items), num_tasks, num_tasks)
 
 
 def _in_dot_dtype(vector: Tensor) -> Tensor:
@@ -935,7 +943,7 @@ def _collective_device(group: dist.ProcessGroup) -> torch.device:
 
 
 def _stats(
-    gram: Tensor,
+    shared_blocks: Tensor,
     projected: Tensor,
     weights: Tensor,
     orders: Tensor,
@@ -943,6 +951,7 @@ def _stats(
     *,
     squeeze: bool,
 ) -> PCGradStats:
+    gram = shared_blocks.sum(0)
     cos = cosine_similarity(gram)
     num_tasks = gram.shape[-1]
     off_diagonal = ~torch.eye(num_tasks, dtype=torch.bool)

@@ -890,25 +890,32 @@ def test_data_parallel_surgery_runs_on_global_task_gradients(tmp_path) -> None: 
 # ---------------------------------------------------------------------- CUDA
 
 
-@CUDA
-def test_cuda_matches_the_reference(buckets: bool) -> None:
-    net = make_net(22, dtype=torch.float32).cuda()
-    batches = [(x.cuda(), y.cuda()) for x, y in make_batches(dtype=torch.float32)]
+def check_float32_against_reference(device: str, buckets: bool) -> None:
+    """A float32 model on ``device`` against the float64 reference on the CPU."""
+    net = make_net(22, dtype=torch.float32).to(device)
+    batches32 = make_batches(dtype=torch.float32)
     opt = sgd_pcgrad(net, gradient_buckets=buckets)
-    opt.backward(task_losses(net, batches))
+    opt.backward(task_losses(net, [(x.to(device), y.to(device)) for x, y in batches32]))
     assert opt.stats is not None and opt.stats.projected.any()
-    reference_net = make_net(22)
-    reference_batches = make_batches()
+    reference_net = make_net(22)  # float64, same initial values
     params = list(reference_net.parameters())
-    expected = reference_grads(
-        params, task_losses(reference_net, reference_batches), opt.stats.orders
-    )
+    batches64 = [(x.double(), y.double()) for x, y in batches32]  # the same numbers
+    expected = reference_grads(params, task_losses(reference_net, batches64), opt.stats.orders)
     for p, e in zip(net.parameters(), expected, strict=True):
         if e is None:
             assert p.grad is None
         else:
-            assert p.grad is not None and p.grad.is_cuda
+            assert p.grad is not None and p.grad.device.type == torch.device(device).type
             torch.testing.assert_close(p.grad.double().cpu(), e, rtol=1e-4, atol=1e-5)
+
+
+def test_float32_matches_the_reference(buckets: bool) -> None:
+    check_float32_against_reference("cpu", buckets)
+
+
+@CUDA
+def test_cuda_matches_the_reference(buckets: bool) -> None:
+    check_float32_against_reference("cuda", buckets)
 
 
 @CUDA
