@@ -122,9 +122,14 @@ class PCGrad(Optimizer):
         process_group: for data-parallel training. When given, the per-task gradients
             are averaged over the group's ranks before the surgery, so it runs on the
             global task gradients (not an average of per-rank surgeries), and the
-            visiting orders are broadcast from the group's first rank. Do not let
+            visiting orders are broadcast from the group's first rank. All tasks'
+            gradients travel in one all-reduce per step (plus two or three tiny
+            integer messages), whatever the number of tasks. Do not let
             DistributedDataParallel reduce gradients too: run the forward passes and
-            ``backward()`` under ``ddp_model.no_sync()``, or do not wrap the model.
+            ``backward()`` under ``ddp_model.no_sync()``, or do not wrap the model
+            (outside ``no_sync`` DDP's hooks fire in every task's backward pass and
+            it raises "marked as ready twice", or with ``find_unused_parameters``
+            silently reduces only the first task's gradient).
         gradient_buckets: keep the per-task gradients of the shared parameters side
             by side in one tensor per device and dtype (like DDP's buckets), so the
             Gram matrix and the combination take a handful of kernel launches
