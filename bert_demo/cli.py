@@ -7,12 +7,14 @@
     python -m bert_demo predict --run runs/quick  # dev and test-student files -> CSV
     python -m bert_demo analyze --run runs/quick
     python -m bert_demo ablate --seeds 1 --preset quick --max-steps 200
+    torchrun --nproc_per_node 2 -m bert_demo train --out runs/ddp   # one process per GPU
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -171,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from bert_demo.optim import FeatureUnavailable
     from bert_demo.train import RunDirError
 
+    if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _fail(parser, f"only 'train' runs under torchrun; run '{args.command}' as one process")
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -181,19 +185,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from bert_demo.distributed import from_env
     from bert_demo.train import CONFIG, RunDirError, train
 
-    out = Path(args.out or f"runs/{args.preset}")
-    if args.resume:
-        if not (out / CONFIG).is_file():
-            raise RunDirError(f"--resume: {out} holds no run to resume ({CONFIG} is missing)")
-        config = TrainConfig.load(out / CONFIG)
-        print(f"resuming {out} with its saved settings")
-    else:
-        config = config_from_args(args)
-    final = train(config, out, resume=args.resume, device=args.device,
-                  progress=not args.no_progress)
-    print(json.dumps({"out": str(out), "wall_s": final["wall_s"], **final["dev"]}, indent=2))
+    # Under torchrun: join the other processes (a no-op for a single process).
+    ranks, device = from_env(args.device)
+    try:
+        out = Path(args.out or f"runs/{args.preset}")
+        if args.resume:
+
+            def saved_config() -> TrainConfig:
+                if not (out / CONFIG).is_file():
+                    raise RunDirError(
+                        f"--resume: {out} holds no run to resume ({CONFIG} is missing)"
+                    )
+                return TrainConfig.load(out / CONFIG)
+
+            config = ranks.on_main(saved_config)  # rank 0's disk is the one that counts
+            if ranks.is_main:
+                print(f"resuming {out} with its saved settings")
+        else:
+            config = config_from_args(args)
+        final = train(config, out, resume=args.resume, device=device,
+                      progress=not args.no_progress, ranks=ranks)
+        if ranks.is_main:
+            print(json.dumps({"out": str(out), "wall_s": final["wall_s"], **final["dev"]},
+                             indent=2))
+    finally:
+        ranks.shutdown()
     return 0
 
 

@@ -55,10 +55,20 @@ def make_optimizer(
     raise ValueError(f"--optimizer must be adamw, torch-adamw, lamb or radam, got {name!r}")
 
 
-def wrap_pcgrad(optimizer: Optimizer, generator: torch.Generator) -> Optimizer:
-    """gradtools.PCGrad around ``optimizer``, drawing task orders from ``generator``."""
+def wrap_pcgrad(
+    optimizer: Optimizer,
+    generator: torch.Generator,
+    process_group: torch.distributed.ProcessGroup | None = None,
+) -> Optimizer:
+    """gradtools.PCGrad around ``optimizer``, drawing task orders from ``generator``.
+
+    ``process_group``: under torchrun, average each task's gradient over the
+    processes before the surgery (see gradtools.PCGrad).
+    """
     pcgrad = require("PCGrad", "--pcgrad")
-    return pcgrad(optimizer, generator=generator)
+    if process_group is None:
+        return pcgrad(optimizer, generator=generator)
+    return pcgrad(optimizer, generator=generator, process_group=process_group)
 
 
 def make_schedule(

@@ -14,6 +14,9 @@ A run lives in one folder::
 
 Checkpoints are written atomically at every epoch end, when training finishes and
 on Ctrl-C (the step in flight completes first; a second Ctrl-C aborts at once).
+
+Under torchrun every process runs this loop on its share of each batch; see
+:mod:`bert_demo.distributed` for what is averaged and what only rank 0 does.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from bert_demo.batching import (
 from bert_demo.config import TrainConfig
 from bert_demo.data import find_data_dir
 from bert_demo.datasets import DEV_FILES, TRAIN_FILES, load_split
+from bert_demo.distributed import Ranks, rank_seed
 from bert_demo.evaluate import evaluate
 from bert_demo.model import BertConfig, BertModel, load_pretrained, resolve_model_path
 from bert_demo.multitask import TASKS, MultitaskBert, task_loss
@@ -106,10 +110,16 @@ def _check_format(state: Any, path: Path) -> None:
         raise ValueError(f"{path} is not a bert_demo checkpoint (format {CHECKPOINT_FORMAT})")
 
 
-def steps_per_epoch(config: TrainConfig, train_sets: dict[str, list[Example]]) -> int:
+def steps_per_epoch(
+    config: TrainConfig, train_sets: dict[str, list[Example]], world_size: int = 1
+) -> int:
+    """Steps of one pass over the largest task (batches of ``world_size`` processes each)."""
     if config.steps_per_epoch is not None:
         return config.steps_per_epoch
-    return max(batches_per_pass(len(train_sets[t]), config.batch_size(t)) for t in config.tasks)
+    return max(
+        batches_per_pass(len(train_sets[t]), config.batch_size(t) * world_size)
+        for t in config.tasks
+    )
 
 
 def total_steps(config: TrainConfig, per_epoch: int) -> int:
@@ -164,8 +174,11 @@ class Trainer:
         device: str | torch.device | None = None,
         progress: bool = True,
         on_step: Callable[[int], None] | None = None,
+        ranks: Ranks | None = None,
     ) -> None:
         self.config = config
+        # This process among the torchrun processes (a single process by default).
+        self.ranks = ranks if ranks is not None else Ranks()
         self.out = Path(out_dir)
         self.device = resolve_device(None if device is None else str(device))
         self.progress = progress
@@ -178,13 +191,14 @@ class Trainer:
         self.dev_sets = load_split(
             data_dir, TASKS, DEV_FILES, config.max_eval_examples, random_subset=False
         )
-        self._prepare_run_dir(resume)
+        self.ranks.on_main(lambda: self._prepare_run_dir(resume))
 
         torch.manual_seed(config.seed)
         self.lengths = {t: [example_length(e) for e in ex] for t, ex in self.train_sets.items()}
         self.tokenizer = WordPieceTokenizer.from_folder(resolve_model_path(config.model))
         self.model = build_model(config).to(self.device)
-        self.per_epoch = steps_per_epoch(config, self.train_sets)
+        self.ranks.broadcast_module(self.model)
+        self.per_epoch = steps_per_epoch(config, self.train_sets, self.ranks.world_size)
         self.total = total_steps(config, self.per_epoch)
 
         if config.mode == "pretrain":
@@ -194,6 +208,10 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.schedule = make_schedule(self.optimizer, config.schedule, self.total, config.warmup)
         self.smart = SmartTerms(config, self.model, self.total) if config.smart else None
+        if self.ranks.rank > 0:
+            # From here on each rank draws its own dropout masks and SMART noise
+            # (rank 0 goes on with the stream a single process would use).
+            torch.manual_seed(rank_seed(config.seed, self.ranks.rank))
 
         self.step = 0
         self.elapsed = 0.0
@@ -236,16 +254,15 @@ class Trainer:
             groups.insert(0, {"params": list(self.model.encoder.parameters()), "lr": config.lr})
         optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
         if config.pcgrad:
-            optimizer = wrap_pcgrad(optimizer, self.pcgrad_generator)
+            # With several processes PCGrad averages each task's gradient over them
+            # before the surgery, which then runs on the global task gradients.
+            optimizer = wrap_pcgrad(optimizer, self.pcgrad_generator, self.ranks.group)
         return optimizer
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint_state(self) -> dict[str, Any]:
+    def _checkpoint_state(self, rank_rng: list[dict[str, Any]]) -> dict[str, Any]:
         # PCGrad's own generator state travels in the optimizer's state dict.
-        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "format": CHECKPOINT_FORMAT,
             # JSON strings: plain data that torch.load(weights_only=True) accepts.
@@ -258,18 +275,40 @@ class Trainer:
             "step": self.step,
             "elapsed_s": self.elapsed,
             "metrics": json.dumps(self.last_metrics),
-            "rng": rng,
+            "rng": rank_rng[0],
+            # Every process's random streams, so that a resumed run with the same
+            # number of processes continues exactly.
+            "world_size": len(rank_rng),
+            "rank_rng": rank_rng,
         }
 
     def save_checkpoint(self) -> Path:
+        """Write the checkpoint from rank 0 (every rank must call this: it gathers their RNG)."""
         path = self.out / CHECKPOINT
-        _atomic_torch_save(self._checkpoint_state(), path)
+        self.ranks.check_replicas_equal(self.model)
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        rank_rng = self.ranks.all_gather(rng)
+        self.ranks.on_main(lambda: _atomic_torch_save(self._checkpoint_state(rank_rng), path))
         return path
 
-    def _load_checkpoint(self) -> None:
+    def _read_checkpoint(self) -> dict[str, Any]:
         path = self.out / CHECKPOINT
         state = torch.load(path, map_location="cpu", weights_only=True)
         _check_format(state, path)
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.ranks.world_size:
+            raise RunDirError(
+                f"--resume: {path} was written by {saved_world} process(es) and this run has "
+                f"{self.ranks.world_size}; the batches depend on it, so resume with "
+                f"torchrun --nproc_per_node {saved_world} (or without torchrun for 1)"
+            )
+        return state
+
+    def _load_checkpoint(self) -> None:
+        # Rank 0 reads the file and sends it to the others (no shared disk needed).
+        state = self.ranks.on_main(self._read_checkpoint)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -278,9 +317,10 @@ class Trainer:
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed_s"])
         self.last_metrics = json.loads(state["metrics"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        rng = state["rank_rng"][self.ranks.rank] if "rank_rng" in state else state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     # ------------------------------------------------------------------ the step
 
@@ -292,10 +332,12 @@ class Trainer:
         losses: list[Tensor] = []
         for task in config.tasks:
             examples = self.train_sets[task]
+            # The global batch of all processes, then this process's share of it.
             rows = batch_indices(
-                self.lengths[task], config.batch_size(task), self.step, config.seed, task,
-                config.length_buckets,
+                self.lengths[task], config.batch_size(task) * self.ranks.world_size, self.step,
+                config.seed, task, config.length_buckets,
             )
+            rows = self.ranks.shard(rows)
             batch = make_batch(
                 task,
                 [examples[i] for i in rows],
@@ -319,6 +361,7 @@ class Trainer:
             self.optimizer.backward(losses)  # type: ignore[attr-defined]
         else:
             torch.stack(losses).sum().backward()
+            self.ranks.average_gradients(self.model.parameters())
         self.optimizer.step()
         self.schedule.step()
         if config.pcgrad:
@@ -326,7 +369,8 @@ class Trainer:
         if self.smart is not None:
             self.smart.after_step(model)
         self.step += 1
-        return stats
+        # Losses and SMART terms were measured on this rank's rows: log their mean.
+        return self.ranks.mean_of(stats)
 
     # ------------------------------------------------------------------ the loop
 
@@ -341,13 +385,18 @@ class Trainer:
         )
 
     def _log_eval(self) -> dict[str, float]:
-        metrics = self.evaluate()
+        def evaluate_and_log() -> dict[str, float]:
+            metrics = self.evaluate()
+            _append_jsonl(
+                self.out / METRICS,
+                {"event": "eval", "step": self.step, "epoch": self.step / self.per_epoch,
+                 "elapsed_s": round(self.elapsed, 1), **metrics},
+            )
+            return metrics
+
+        # Rank 0 evaluates (the replicas are equal) and tells the others.
+        metrics = self.ranks.on_main(evaluate_and_log)
         self.last_metrics = metrics
-        _append_jsonl(
-            self.out / METRICS,
-            {"event": "eval", "step": self.step, "epoch": self.step / self.per_epoch,
-             "elapsed_s": round(self.elapsed, 1), **metrics},
-        )
         return metrics
 
     def run(self) -> dict[str, Any]:
@@ -356,7 +405,8 @@ class Trainer:
         interrupt = _Interrupt()
         window: dict[str, list[float]] = {}
         running: dict[str, float] = {}
-        bar = tqdm(total=self.total, initial=self.step, disable=not self.progress,
+        main = self.ranks.is_main
+        bar = tqdm(total=self.total, initial=self.step, disable=not (self.progress and main),
                    desc=f"train {self.out.name}", dynamic_ncols=True)
         started = time.perf_counter() - self.elapsed
         in_step = False
@@ -376,16 +426,20 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in running.items()})
                     if self.step % config.log_every == 0 or self.step == self.total:
-                        _append_jsonl(self.out / METRICS, self._train_record(window))
+                        if main:
+                            _append_jsonl(self.out / METRICS, self._train_record(window))
                         window = {}
                     if self.step % self.per_epoch == 0 or self.step == self.total:
                         metrics = self._log_eval()
                         self.elapsed = time.perf_counter() - started
-                        bar.write(f"step {self.step}: " + _format_metrics(metrics))
+                        if main:
+                            bar.write(f"step {self.step}: " + _format_metrics(metrics))
                         self.save_checkpoint()
                     if self.on_step is not None:
                         self.on_step(self.step)
-                    if interrupt.requested:
+                    # All ranks stop after the same step (a Ctrl-C reaches them at
+                    # slightly different times), so they save one checkpoint together.
+                    if self.ranks.any_rank(interrupt.requested):
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 bar.close()
@@ -396,7 +450,8 @@ class Trainer:
                     raise
                 self.elapsed = time.perf_counter() - started
                 path = self.save_checkpoint()
-                print(f"saved {path} at step {self.step}; continue with --resume")
+                if main:
+                    print(f"saved {path} at step {self.step}; continue with --resume")
                 raise
         bar.close()
         final = {
@@ -406,9 +461,10 @@ class Trainer:
             "dev": self.last_metrics,
             "config": config.to_dict(),
         }
-        tmp = self.out / (FINAL + ".tmp")
-        tmp.write_text(json.dumps(final, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.out / FINAL)
+        if main:
+            tmp = self.out / (FINAL + ".tmp")
+            tmp.write_text(json.dumps(final, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.out / FINAL)
         return final
 
     def _train_record(self, window: dict[str, list[float]]) -> dict[str, Any]:
@@ -449,9 +505,11 @@ def train(
     device: str | torch.device | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` into ``out_dir``; see :class:`Trainer`."""
     trainer = Trainer(
-        config, out_dir, resume=resume, device=device, progress=progress, on_step=on_step
+        config, out_dir, resume=resume, device=device, progress=progress, on_step=on_step,
+        ranks=ranks,
     )
     return trainer.run()
