@@ -20,7 +20,8 @@ Variants, each with its own model copy and optimizer, timed round-robin:
   the other one (``gradient_buckets``: on by default on CUDA, off on CPU).
 
 Time: median of ``--repeats`` interleaved steps (zero_grad, forward, backward,
-optimizer step). Memory: peak bytes allocated by torch during one step above
+optimizer step), and the median over rounds of each variant's time divided by
+the plain step's time in the same round. Memory: peak bytes allocated by torch during one step above
 what was allocated before it (model, optimizer state and inputs excluded); on
 CPU from the profiler's allocation trace ("Total Allocated"), on CUDA from
 ``torch.cuda.max_memory_allocated``.
@@ -39,6 +40,7 @@ import copy
 import gc
 import json
 import os
+import statistics
 import sys
 import tempfile
 import warnings
@@ -281,11 +283,13 @@ def peak_step_bytes(step: Callable[[], None], device: str) -> int:
 
 def run_setting(
     name: str, config: BertConfig, args: argparse.Namespace, repeats: int
-) -> tuple[dict[str, float], dict[str, float]]:
+) -> tuple[dict[str, list[float]], dict[str, float]]:
     torch.manual_seed(0)
     base = ThreeTasks(config).to(args.device)
     batches, targets = make_inputs(config, args.batch, args.tokens, args.device, name == "shared")
     variants = make_variants(base, batches, targets)
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants or k == "plain"}
     times = time_interleaved(
         {k: v[0] for k, v in variants.items()}, repeats=repeats, warmup=1, device=args.device
     )
@@ -295,7 +299,7 @@ def run_setting(
             for _, zero_grad in variants.values():
                 zero_grad()
             memory[variant] = peak_step_bytes(step, args.device) / 2**20
-    return {k: median_ms(v) for k, v in times.items()}, memory
+    return times, memory
 
 
 def breakdown(name: str, config: BertConfig, args: argparse.Namespace, steps: int = 3) -> str:
@@ -331,19 +335,24 @@ def breakdown(name: str, config: BertConfig, args: argparse.Namespace, steps: in
     return "\n".join(rows)
 
 
-def table(title: str, times: dict[str, float], memory: dict[str, float]) -> str:
+def table(title: str, times: dict[str, list[float]], memory: dict[str, float]) -> str:
+    """Medians, and each variant's time over the plain step's in the same round
+    (its median: paired within a round, so that load drifting over the run
+    cancels out)."""
     rows = [
-        f"| {title} | median ms | / plain | peak MiB | / plain |",
+        f"| {title} | median ms | / plain (paired) | peak MiB | / plain |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name, ms in times.items():
+    plain = times["plain"]
+    for name, samples in times.items():
+        paired = statistics.median(t / p for t, p in zip(samples, plain, strict=True))
         mem = memory.get(name)
         mem_cols = (
             f"{mem:.0f} | {mem / memory['plain']:.2f}x"
             if mem is not None and memory.get("plain")
             else "- | -"
         )
-        rows.append(f"| {name} | {ms:.1f} | {ms / times['plain']:.2f}x | {mem_cols} |")
+        rows.append(f"| {name} | {median_ms(samples):.1f} | {paired:.2f}x | {mem_cols} |")
     return "\n".join(rows)
 
 
@@ -364,6 +373,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument(
+        "--variants", nargs="*", default=None, help="only these variants (plain is always kept)"
+    )
     parser.add_argument(
         "--breakdown", action="store_true", help="also profile where gradtools.PCGrad's time goes"
     )
