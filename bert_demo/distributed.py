@@ -31,6 +31,7 @@ How the training loop uses it (see :mod:`bert_demo.train`):
 from __future__ import annotations
 
 import os
+import pickle
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ class Ranks:
             try:
                 outcome[0] = ("ok", fn())
             except Exception as error:  # re-raised below, on every rank
-                outcome[0] = ("error", error)
+                outcome[0] = ("error", _picklable(error))
         dist.broadcast_object_list(outcome, src=self._global_rank(0), group=self.group,
                                    device=self.comm_device)
         kind, value = outcome[0]
@@ -209,6 +210,15 @@ class Ranks:
     def shutdown(self) -> None:
         if self.distributed:
             dist.destroy_process_group()
+
+
+def _picklable(error: Exception) -> Exception:
+    """``error`` itself if it can travel to the other ranks, else its text in a RuntimeError."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
 
 
 def _by_device_and_dtype(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:

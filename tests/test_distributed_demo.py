@@ -105,6 +105,12 @@ def _demo_worker(rank: int, world: int, root: str) -> None:
         results[name] = {"final": run.run(), "weights": weights(run.model)}
     train_module.make_batch = original_make_batch
     results["drawn"] = drawn
+    # Rank 0 alone checks the run folder; its refusal must stop every rank.
+    try:
+        trainer("exact_sum", EXACT)
+        results["reused_folder"] = "no error"
+    except RunDirError as error:
+        results["reused_folder"] = str(error)
 
     straight = trainer("straight", EVERYTHING)
     straight.run()
@@ -163,6 +169,8 @@ def test_two_processes_train_like_one_and_resume_exactly(tiny: Path) -> None:
         assert not set(shares[0]) & set(shares[1])
         rows = 10 if task == "sst" else 8
         assert len(set(shares[0]) | set(shares[1])) == len(shares[0]) + len(shares[1]) == rows
+
+    assert all("already holds a run" in ranks[r]["reused_folder"] for r in range(WORLD))
 
     # The ranks agree, to the bit, on the weights and on the teacher.
     for key in ("exact_sum", "exact_pcgrad", "straight", "resumed"):
@@ -315,3 +323,16 @@ def test_rank_seeds_differ_per_rank_and_refuse_rank_0() -> None:
     assert rank_seed(0, 1) != rank_seed(1, 1)
     with pytest.raises(ValueError, match="ranks > 0"):
         rank_seed(0, 0)
+
+
+def test_errors_that_cannot_travel_between_ranks_keep_their_text() -> None:
+    from bert_demo.distributed import _picklable
+
+    plain = RunDirError("already holds a run")
+    assert _picklable(plain) is plain
+
+    class Local(Exception):  # defined in a function: pickle cannot find it by name
+        pass
+
+    converted = _picklable(Local("disk full"))
+    assert type(converted) is RuntimeError and str(converted) == "Local: disk full"
