@@ -78,7 +78,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="*", default=list(SHAPES))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.simplefilter("error", RuntimeWarning)  # a silent fallback would mislabel a row
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     for model in args.models:
