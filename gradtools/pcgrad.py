@@ -113,7 +113,7 @@ class PCGrad(Optimizer):
             (so ``torch.manual_seed`` before construction also fixes it). Its state
             is part of ``state_dict()``.
         shared_params: parameters to project over. ``None`` (default) detects them:
-            a parameter is shared when two or more tasks produced a gradient for it.
+            a parameter is shared when the graphs of two or more tasks reach it.
             Given explicitly, the others get the plain (reduced) sum of whatever
             tasks reached them.
         granularity: ``"all"`` projects over the whole shared vector (the paper);
