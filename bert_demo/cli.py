@@ -211,8 +211,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if ranks.is_main:
             print(json.dumps({"out": str(out), "wall_s": final["wall_s"], **final["dev"]},
                              indent=2))
-    finally:
-        ranks.shutdown()
+    except BaseException:
+        ranks.shutdown(together=False)
+        raise
+    ranks.shutdown()
     return 0
 
 

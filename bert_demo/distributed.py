@@ -207,8 +207,17 @@ class Ranks:
         assert self.group is not None
         return dist.get_global_rank(self.group, group_rank)
 
-    def shutdown(self) -> None:
+    def shutdown(self, together: bool = True) -> None:
+        """Leave the process group.
+
+        ``together`` (after a normal end): wait for every rank first, so that no
+        rank closes its connections while another may still be finishing its last
+        collective (gloo aborts on a closed peer). ``False`` after an error: a
+        failing rank must not wait for ranks that are busy elsewhere.
+        """
         if self.distributed:
+            if together:
+                dist.barrier(group=self.group)
             dist.destroy_process_group()
 
 

@@ -36,6 +36,10 @@ def _entry(
     )
     try:
         worker(rank, world, *args)
+        # Leave together: gloo aborts a rank whose peer closes the connection while
+        # it is still finishing its last collective. (Not after an error: the
+        # failing rank must not wait for the others.)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -238,7 +238,12 @@ def test_torchrun_runs_the_command_line(tiny: Path) -> None:
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, cwd=tiny, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    if done.returncode != 0:
+        # torchrun's summary comes last; the worker's own error is usually earlier.
+        clues = [line for line in done.stderr.splitlines()
+                 if any(w in line for w in ("Error", "error", "terminate", "what()", "Exception"))]
+        pytest.fail("torchrun failed:\n" + "\n".join(clues[:40]) + "\n--- stderr tail ---\n"
+                    + done.stderr[-4000:] + "\n--- stdout tail ---\n" + done.stdout[-2000:])
 
     # Rank 0 alone printed the summary and wrote the run folder.
     assert done.stdout.count('"out"') == 1, done.stdout
