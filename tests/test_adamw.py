@@ -338,7 +338,7 @@ def test_closure_is_evaluated_and_returned() -> None:
         opt.zero_grad()
         loss = model(torch.ones(1, 2)).sum()
         loss.backward()
-        seen.append(float(loss))
+        seen.append(float(loss.detach()))
         return seen[-1]
 
     assert opt.step(closure) == seen[0]
