@@ -158,10 +158,12 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     width = 0.8 / len(METRICS)
     for k, (metric, header) in enumerate(zip(METRICS, HEADERS, strict=True)):
         means = [summary[n][metric]["mean"] for n in names]
-        stds = [0.0 if math.isnan(summary[n][metric]["std"]) else summary[n][metric]["std"]
-                for n in names]
+        stds = [summary[n][metric]["std"] for n in names]
+        # One seed has no spread: draw no error bars rather than zero-length ones.
+        errors = None if all(math.isnan(s) for s in stds) else [
+            0.0 if math.isnan(s) else s for s in stds]
         xs = [i + (k - (len(METRICS) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, means, width, yerr=stds, capsize=2, label=header)
+        ax.bar(xs, means, width, yerr=errors, capsize=2, label=header)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("dev score")
