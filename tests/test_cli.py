@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,28 @@ def test_module_entry_point_reports_errors() -> None:
     )
     assert result.returncode == 2
     assert "lr and head_lr must be > 0" in result.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_after_the_current_step(tiny, tmp_path) -> None:
+    """A real SIGINT: the step in flight finishes, the checkpoint is saved, exit code 130."""
+    run = tmp_path / "run"
+    args = tiny_args(tiny, run)
+    args[args.index("--steps-per-epoch") + 1] = "100000"  # far more than the test waits for
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bert_demo", "train", *args, "--log-every", "1", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").is_file() and process.poll() is None:
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "continue with --resume" in out
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert state["step"] >= 1 and state["step"] == logged[-1]
