@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from demo_fixtures import write_tiny_data, write_tiny_model
 
 import bert_demo.ablate as ablate
@@ -14,13 +13,7 @@ from bert_demo.ablate import ROWS, markdown_table, row_config, run_ablation, sum
 from bert_demo.config import TrainConfig
 from bert_demo.train import FINAL
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from demo_fixtures import write_tiny_data, write_tiny_model
 from bert_demo.cli import build_parser, config_from_args, main
 from bert_demo.config import PAPER, QUICK
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ from bert_demo.evaluate import (
 from bert_demo.predict import predict_files
 from bert_demo.train import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_accuracy_by_hand() -> None:

@@ -65,13 +65,7 @@ class TwoTaskNet(nn.Module):
         return self.classes(pooled) if task == 0 else self.binary(pooled).squeeze(-1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # type: ignore[no-untyped-def]
-    """Tiny models gain nothing from threads; on a shared 2-core box they only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_data(rows: int, seed: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
