@@ -15,18 +15,7 @@ import gradtools
 
 
 class FeatureUnavailable(RuntimeError):
-    """A gradtools tool that a flag asks for has not landed in this checkout."""
-
-
-def require(name: str, flag: str) -> Any:
-    """gradtools.<name>, or a clear error naming the flag that needs it."""
-    tool = getattr(gradtools, name, None)
-    if tool is None:
-        raise FeatureUnavailable(
-            f"{flag} is not available yet: this gradtools has no {name} "
-            f"(gradtools exports {sorted(gradtools.__all__) or 'nothing yet'})"
-        )
-    return tool
+    """A flag asks for an optional package that is not installed."""
 
 
 def make_optimizer(
@@ -35,11 +24,7 @@ def make_optimizer(
     """Build the optimizer ``name`` over param groups that each carry their own lr."""
     groups = [dict(g, weight_decay=weight_decay) for g in param_groups]
     if name == "adamw":
-        adamw = getattr(gradtools, "AdamW", None)
-        if adamw is None:
-            # gradtools.AdamW is bitwise torch's for-loop AdamW; until it lands, use that.
-            return torch.optim.AdamW(groups, foreach=False)
-        return adamw(groups)
+        return gradtools.AdamW(groups)
     if name == "torch-adamw":
         return torch.optim.AdamW(groups)
     if name in ("lamb", "radam"):
@@ -65,10 +50,7 @@ def wrap_pcgrad(
     ``process_group``: under torchrun, average each task's gradient over the
     processes before the surgery (see gradtools.PCGrad).
     """
-    pcgrad = require("PCGrad", "--pcgrad")
-    if process_group is None:
-        return pcgrad(optimizer, generator=generator)
-    return pcgrad(optimizer, generator=generator, process_group=process_group)
+    return gradtools.PCGrad(optimizer, generator=generator, process_group=process_group)
 
 
 def make_schedule(

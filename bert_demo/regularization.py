@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+import gradtools
 from bert_demo.batching import TaskBatch
 from bert_demo.multitask import MultitaskBert
-from bert_demo.optim import require
 
 if TYPE_CHECKING:
     from bert_demo.config import TrainConfig
@@ -30,23 +30,21 @@ class SmartTerms:
     """R_s and the Bregman proximal term of each task, and the teacher's update."""
 
     def __init__(self, config: TrainConfig, model: MultitaskBert, total_steps: int) -> None:
-        smart_cls = require("SMART", "--smart")
         self.model = model
         self.smart_lambda = config.smart_lambda
         self.bregman_mu = config.bregman_mu
         # Noise comes from the global random stream, which checkpoints save and
         # restore, so a resumed run draws the same perturbations.
-        self.smart = smart_cls(
+        self.smart = gradtools.SMART(
             epsilon=config.smart_epsilon,
             noise_std=config.smart_sigma,
             step_size=config.smart_eta,
             steps=config.smart_steps,
         )
-        self.teacher: Any = None
+        self.teacher: gradtools.MomentumTeacher | None = None
         if config.bregman_mu > 0:
-            teacher_cls = require("MomentumTeacher", "--smart (its Bregman term)")
             # The paper's schedule: beta 0.99 for the first 10% of updates, then 0.999.
-            self.teacher = teacher_cls(model, total_steps=total_steps)
+            self.teacher = gradtools.MomentumTeacher(model, total_steps=total_steps)
 
     def terms(
         self, task: str, batch: TaskBatch, embeds: Tensor, output: Tensor
@@ -65,19 +63,24 @@ class SmartTerms:
             stats["smart_delta"] = self.smart.stats.delta_norm_max.item()
         extra = self.smart_lambda * r_s
         if self.teacher is not None:
-            bregman = self._bregman(task, batch, output, kind)
+            bregman = self._bregman(self.teacher, task, batch, output, kind)
             stats["bregman"] = bregman.item()
             extra = extra + self.bregman_mu * bregman
         return extra, stats
 
-    def _bregman(self, task: str, batch: TaskBatch, output: Tensor, kind: str) -> Tensor:
+    @staticmethod
+    def _bregman(
+        teacher: gradtools.MomentumTeacher, task: str, batch: TaskBatch, output: Tensor, kind: str
+    ) -> Tensor:
         def teacher_forward(teacher: nn.Module) -> Tensor:
             output: Tensor = teacher(
                 task, batch.input_ids, batch.attention_mask, batch.token_type_ids
             )
             return output
 
-        return self.teacher.bregman(teacher_forward, output, kind=kind)
+        bregman = teacher.bregman(teacher_forward, output, kind=kind)
+        assert isinstance(bregman, Tensor)
+        return bregman
 
     def after_step(self, model: MultitaskBert) -> None:
         if self.teacher is not None:

@@ -11,12 +11,8 @@ import pytest
 import torch
 from demo_fixtures import write_tiny_data, write_tiny_model
 
-import gradtools
 from bert_demo.config import TrainConfig
-from bert_demo.optim import FeatureUnavailable
 from bert_demo.train import CHECKPOINT, FINAL, METRICS, RunDirError, Trainer, load_trained, train
-
-HAS_PCGRAD = hasattr(gradtools, "PCGrad")
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +69,6 @@ OTHER_SETTINGS = [
 )
 def test_one_training_step(tiny, tmp_path, overrides) -> None:
     config = tiny_config(tiny, max_steps=1, **overrides)
-    if config.pcgrad and not HAS_PCGRAD:
-        with pytest.raises(FeatureUnavailable, match="--pcgrad is not available yet"):
-            Trainer(config, tmp_path / "run", progress=False)
-        return
     trainer = Trainer(config, tmp_path / "run", progress=False)
     before = params(trainer.model)
     final = trainer.run()
@@ -130,7 +122,7 @@ def test_resume_continues_exactly(tiny, tmp_path) -> None:
     The interrupt comes mid-epoch, after an epoch-end checkpoint (2 steps per epoch).
     """
     stop_at = 3
-    methods = {"smart": True, "sts_aug": True, "pcgrad": HAS_PCGRAD}
+    methods = {"smart": True, "sts_aug": True, "pcgrad": True}
     config = tiny_config(tiny, epochs=2, **methods)
 
     straight = Trainer(config, tmp_path / "straight", progress=False)
