@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from gradtools.adamw import AdamWHyper, AdamWTensors
+# gradtools.adamw imports this module only inside adamw_step, so no cycle.
+from gradtools.adamw import AdamWHyper, AdamWTensors, _for_loop_step, bias_corrections
 
 _kernels: dict[bool, Callable[..., None]] = {}
 _unavailable: str | None = None
@@ -70,8 +69,6 @@ def step(tensors: AdamWTensors, hyper: AdamWHyper) -> bool:
     global _unavailable
     if _unavailable is not None:
         return False
-    from gradtools.adamw import _for_loop_step, bias_corrections
-
     compiled = [
         i for i, p in enumerate(tensors.params) if _eligible(p) and tensors.grads[i].is_contiguous()
     ]
@@ -84,7 +81,7 @@ def step(tensors: AdamWTensors, hyper: AdamWHyper) -> bool:
         next_step = float(tensors.steps[i].item()) + 1
         key = (next_step, p.device, p.dtype)
         if key not in scalars:
-            scalars[key] = _scalars(hyper, next_step, p.device, p.dtype, bias_corrections)
+            scalars[key] = _scalars(hyper, next_step, p.device, p.dtype)
         max_sq = tensors.max_exp_avg_sqs[i].view(-1) if hyper.amsgrad else None
         flat = (
             p.view(-1),
@@ -119,11 +116,7 @@ def step(tensors: AdamWTensors, hyper: AdamWHyper) -> bool:
 
 
 def _scalars(
-    hyper: AdamWHyper,
-    step: float,
-    device: torch.device,
-    dtype: torch.dtype,
-    bias_corrections: Callable[[AdamWHyper, float], tuple[float, float]],
+    hyper: AdamWHyper, step: float, device: torch.device, dtype: torch.dtype
 ) -> dict[str, Tensor]:
     step_size, bias_correction2_sqrt = bias_corrections(hyper, step)
     values = {
