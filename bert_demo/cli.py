@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -163,9 +164,22 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> None:
     parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
+# Import names of the `demo` extra's packages that the commands need; gradtools itself needs none.
+_DEMO_EXTRA_MODULES = ("tqdm", "tokenizers", "safetensors", "huggingface_hub")
+
+
+def _missing_demo_modules() -> list[str]:
+    return [name for name in _DEMO_EXTRA_MODULES if importlib.util.find_spec(name) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = _missing_demo_modules()
+    if missing:
+        # A library-only install (`pip install gradtools`) still has this script.
+        _fail(parser, f"the demo needs the demo extra (missing: {', '.join(missing)}); "
+                      'install it with: pip install "gradtools[demo]"')
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             _fail(parser, f"--threads must be >= 1, got {args.threads}")

@@ -247,17 +247,20 @@ def task_file(data_dir: str | os.PathLike[str], task: str, split: str) -> Path:
 def find_data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """The data folder: ``explicit``, else ``$BERT_DEMO_DATA``, else ``../shared/data``.
 
-    ``../shared/data`` is looked up from the current directory and from the
-    repository root of this package.
+    ``../shared/data`` is looked up from the current directory and, in a source
+    checkout, from the repository root (never from an installed package's folder).
     """
     if explicit is not None:
         candidates, origin = [Path(explicit)], "the data argument"
     elif os.environ.get("BERT_DEMO_DATA"):
         candidates, origin = [Path(os.environ["BERT_DEMO_DATA"])], "$BERT_DEMO_DATA"
     else:
+        candidates, origin = [Path.cwd().parent / "shared" / "data"], "the default"
         repo_root = Path(__file__).resolve().parent.parent
-        candidates = [Path.cwd().parent / "shared" / "data", repo_root.parent / "shared" / "data"]
-        origin = "the default"
+        # Only a source checkout has a repository root; from an installed wheel this
+        # folder is site-packages, and nothing beside it is the data.
+        if (repo_root / "pyproject.toml").is_file():
+            candidates.append(repo_root.parent / "shared" / "data")
     for candidate in candidates:
         if candidate.is_dir():
             return candidate
