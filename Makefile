@@ -15,7 +15,7 @@ demo: setup
 	$(PY) -m bert_demo train $(ARGS)
 
 lint: setup
-	$(PY) -m ruff check gradtools bert_demo benchmarks tests
+	$(PY) -m ruff check gradtools bert_demo benchmarks tests examples
 
 typecheck: setup
 	$(PY) -m mypy
