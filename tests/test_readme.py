@@ -1,0 +1,184 @@
+"""Every ```python block of README.md runs, so the README cannot drift from the API.
+
+Each block runs on its own in a fresh namespace, compiled with README.md's line
+numbers (a failure points at the README line). Words after ``python`` on the
+opening fence (GitHub does not render them) declare what a block needs:
+
+- ``needs=a,b``: names the block uses without defining, provided by the setups
+  below (``model``, ``task_losses``, ``batch``, ``process_group``);
+- ``requires=gradtools.Name``: an API the block documents that is not in this
+  checkout yet; the block is skipped, with the reason shown, until it exists;
+- ``not-run``: the block cannot run in a test (e.g. it needs ``torchrun``); it
+  is still compiled, so at least its syntax is checked.
+
+Any other word is an error, so a typo cannot skip a block silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import re
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```python(?P<info>[^\n]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
+                   re.MULTILINE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Block:
+    line: int  # README line of the first code line
+    code: str
+    needs: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    run: bool = True
+
+
+def parse_info(info: str, where: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for word in info.split():
+        key, _, value = word.partition("=")
+        if key == "not-run" and not value:
+            found["run"] = False
+        elif key in ("needs", "requires") and value:
+            found[key] = tuple(value.split(","))
+        else:
+            raise ValueError(f"{where}: unknown fence marker {word!r} (known: needs=, requires=, not-run)")
+    return found
+
+
+def readme_blocks(text: str) -> list[Block]:
+    blocks = []
+    for match in FENCE.finditer(text):
+        line = text.count("\n", 0, match.start("body")) + 1
+        info = parse_info(match.group("info"), f"README.md:{line - 1}")
+        blocks.append(Block(line, textwrap.dedent(match.group("body")), **info))
+    return blocks
+
+
+# --------------------------------------------------------------------------- setups for needs=
+
+
+class ThreeHeads(nn.Module):
+    """A shared trunk with the demo's three heads: 5 classes, one binary logit, a score."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        self.sst, self.para, self.sts = nn.Linear(16, 5), nn.Linear(16, 1), nn.Linear(16, 1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        h = self.trunk(x)
+        return self.sst(h), self.para(h).squeeze(-1), self.sts(h).squeeze(-1)
+
+
+@contextlib.contextmanager
+def setup_model(names: dict[str, Any], tmp_path: Path) -> Iterator[None]:
+    torch.manual_seed(0)
+    names["model"] = ThreeHeads()
+    yield
+
+
+@contextlib.contextmanager
+def setup_batch(names: dict[str, Any], tmp_path: Path) -> Iterator[None]:
+    gen = torch.Generator().manual_seed(1)
+    names["inputs"] = torch.randn(6, 8, generator=gen)
+    names["labels_a"] = torch.randint(0, 5, (6,), generator=gen)
+    names["labels_b"] = torch.randint(0, 2, (6,), generator=gen).float()
+    names["labels_c"] = 5 * torch.rand(6, generator=gen)
+    yield
+
+
+@contextlib.contextmanager
+def setup_task_losses(names: dict[str, Any], tmp_path: Path) -> Iterator[None]:
+    with setup_batch(names, tmp_path):
+        sst, para, sts = names["model"](names["inputs"])
+        names["loss_sst"] = F.cross_entropy(sst, names["labels_a"])
+        names["loss_para"] = F.binary_cross_entropy_with_logits(para, names["labels_b"])
+        names["loss_sts"] = F.mse_loss(sts, names["labels_c"])
+        yield
+
+
+@contextlib.contextmanager
+def setup_process_group(names: dict[str, Any], tmp_path: Path) -> Iterator[None]:
+    """A one-process gloo group, as torchrun would set up on one CPU."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+SETUPS: dict[str, Callable[[dict[str, Any], Path], contextlib.AbstractContextManager[None]]] = {
+    "process_group": setup_process_group,
+    "model": setup_model,
+    "batch": setup_batch,
+    "task_losses": setup_task_losses,
+}
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def _present(dotted: str) -> bool:
+    module, *attributes = dotted.split(".")
+    try:
+        value: Any = importlib.import_module(module)
+    except ImportError:
+        return False
+    for attribute in attributes:
+        if not hasattr(value, attribute):
+            return False
+        value = getattr(value, attribute)
+    return True
+
+
+BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+
+
+def test_readme_has_the_blocks_we_expect() -> None:
+    assert len(BLOCKS) >= 6
+    assert sum(block.run for block in BLOCKS) >= 6  # not-run stays the exception
+    for block in BLOCKS:
+        assert set(block.needs) <= set(SETUPS), f"README.md:{block.line}: unknown needs {block.needs}"
+    quickstart = [b for b in BLOCKS if "class TwoHeads" in b.code]
+    assert quickstart and not quickstart[0].needs, "the quickstart must be self-contained"
+
+
+def test_markers_are_parsed_strictly() -> None:
+    blocks = readme_blocks("```python needs=model not-run\nx = 1\n```\n"
+                           "  ```python requires=gradtools.Nope\n  y = 2\n  ```\n")
+    assert blocks == [Block(2, "x = 1\n", needs=("model",), run=False),
+                      Block(5, "y = 2\n", requires=("gradtools.Nope",))]
+    with pytest.raises(ValueError, match="unknown fence marker 'need=model'"):
+        readme_blocks("```python need=model\nx = 1\n```\n")
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"README.md:{b.line}" for b in BLOCKS])
+def test_readme_block_runs(block: Block, tmp_path: Path, one_thread: None,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Line numbers in tracebacks are README.md's own.
+    code = compile("\n" * (block.line - 1) + block.code, str(README), "exec")
+    if not block.run:
+        return  # compiled above: the syntax is checked
+    missing = [name for name in block.requires if not _present(name)]
+    if missing:
+        pytest.skip(f"README.md:{block.line} documents {missing}, not in this checkout yet")
+    monkeypatch.chdir(tmp_path)  # anything a block writes lands here
+    names: dict[str, Any] = {"__name__": "__readme__"}
+    with contextlib.ExitStack() as stack:
+        # Setups in the order SETUPS lists them: a process group before the model, etc.
+        for need in sorted(block.needs, key=list(SETUPS).index):
+            stack.enter_context(SETUPS[need](names, tmp_path))
+        exec(code, names)
