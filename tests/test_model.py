@@ -309,9 +309,14 @@ def test_local_folder_source(tiny_hf_folder, tmp_path) -> None:
         resolve_model_path(tmp_path / "nowhere" / "model")
 
 
+def use_hub_cache(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Point huggingface_hub at ``folder``: it reads $HF_HUB_CACHE/$HF_HOME once, at import."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(folder))
+
+
 def test_hub_id_resolves_from_local_cache(tiny_hf_folder, tmp_path, monkeypatch) -> None:
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    use_hub_cache(monkeypatch, tmp_path / "hub")
     repo = tmp_path / "hub" / "models--someorg--tiny-bert"
     stale = repo / "snapshots" / "0000stale"
     stale.mkdir(parents=True)
@@ -321,16 +326,26 @@ def test_hub_id_resolves_from_local_cache(tiny_hf_folder, tmp_path, monkeypatch)
     for f in tiny_hf_folder[0].iterdir():
         (current / f.name).write_bytes(f.read_bytes())
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("1111current\n")
+    (repo / "refs" / "main").write_text("1111current")  # as huggingface_hub writes it
     assert resolve_model_path("someorg/tiny-bert") == current
     assert_same_outputs(load_pretrained("someorg/tiny-bert"), tiny_hf_folder[1], TINY["vocab_size"])
 
 
 def test_hub_id_not_in_cache_says_what_to_do(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    use_hub_cache(monkeypatch, tmp_path)
     with pytest.raises(CheckpointError) as info:
         resolve_model_path("someorg/absent-bert")
     message = str(info.value)
     assert str(tmp_path) in message
     assert "never downloads" in message
     assert "download someorg/absent-bert" in message
+
+
+def test_cached_snapshot_without_config_is_refused(tmp_path, monkeypatch) -> None:
+    use_hub_cache(monkeypatch, tmp_path)
+    repo = tmp_path / "models--someorg--no-config"
+    (repo / "snapshots" / "2222").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("2222")
+    with pytest.raises(CheckpointError, match=r"'someorg/no-config' .* has no config\.json"):
+        resolve_model_path("someorg/no-config")
