@@ -1,4 +1,4 @@
-"""bert_demo installed from a wheel: its default data lookup never looks beside site-packages."""
+"""Installed versus source-tree behaviour: the demo's data lookup and gradtools.__version__."""
 
 from __future__ import annotations
 
@@ -26,3 +26,17 @@ def test_installed_package_does_not_look_for_data_beside_site_packages(tmp_path,
     assert bert_demo.data.find_data_dir() == beside
     monkeypatch.setenv("BERT_DEMO_DATA", str(tmp_path / "work"))
     assert bert_demo.data.find_data_dir() == Path(tmp_path / "work")
+
+
+def test_version_without_metadata_says_unknown(monkeypatch) -> None:
+    import importlib.metadata
+
+    import gradtools._version
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(gradtools._version, "version", not_installed)
+    assert gradtools._version.installed_version() == "0+unknown"
+    monkeypatch.undo()
+    assert gradtools._version.installed_version() == importlib.metadata.version("gradtools")
