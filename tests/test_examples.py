@@ -57,6 +57,7 @@ def test_hf_trainer_recipe(one_thread, capsys, monkeypatch) -> None:
     assert after <= 1.0 + 1e-4  # the Trainer's max_grad_norm clip acted on PCGrad's gradient
 
 
+@pytest.mark.filterwarnings("ignore:.*treespec.*")  # Lightning's own use of a torch API it wraps
 def test_lightning_recipe(one_thread, capsys, monkeypatch) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("lightning")
