@@ -8,7 +8,9 @@ shapes over flattened tensors, so one compilation serves every parameter of a
 given dtype and device, and the hyperparameters enter as 0-dim tensors so that
 a learning-rate schedule never triggers a recompilation.
 
-The arithmetic equals the for-loop reference up to floating-point rounding (it
+The math runs in float32 (float64 for float64 parameters) whatever the
+parameter dtype; bf16/fp16 values are rounded once, when stored, as in torch's
+fused kernels. The arithmetic equals the for-loop reference up to rounding (it
 is not bitwise identical: the compiler may reorder and vectorize).
 """
 
@@ -27,7 +29,7 @@ _kernels: dict[bool, Callable[..., None]] = {}
 _unavailable: str | None = None
 
 
-def _update(
+def _math(
     param: Tensor,
     grad: Tensor,
     exp_avg: Tensor,
@@ -41,21 +43,47 @@ def _update(
     step_size: Tensor,
     bias_correction2_sqrt: Tensor,
 ) -> None:
-    grad = grad * sign  # sign is -1 when maximizing
-    param.mul_(decay)
-    exp_avg.lerp_(grad, one_minus_beta1)
-    exp_avg_sq.mul_(beta2).add_(grad * grad * (1 - beta2))
-    second_moment = exp_avg_sq
+    # The math runs in the scalars' dtype (float32, or float64 for float64
+    # parameters), never in bf16/fp16: there 0.999 rounds to 1.0 and the second
+    # moment would never move. Results are rounded once, on the store, as in
+    # torch's fused kernels for low-precision parameters.
+    work = sign.dtype
+    g = grad.to(work) * sign  # sign is -1 when maximizing
+    p = param.to(work) * decay
+    m = torch.lerp(exp_avg.to(work), g, one_minus_beta1)
+    v = exp_avg_sq.to(work) * beta2 + g * g * (1 - beta2)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
     if max_exp_avg_sq is not None:
-        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
-        second_moment = max_exp_avg_sq
-    denom = second_moment.sqrt() / bias_correction2_sqrt + eps
-    param.sub_(exp_avg / denom * step_size)
+        v = torch.maximum(max_exp_avg_sq.to(work), v)
+        max_exp_avg_sq.copy_(v)
+    denom = v.sqrt() / bias_correction2_sqrt + eps
+    param.copy_(p - m / denom * step_size)
+
+
+# Two entry points rather than one with an optional argument: torch.compile
+# counts recompilations per function, and every (dtype, amsgrad, size-1 or not)
+# combination is one; separate functions keep each count well under the limit.
+def _update(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, **scalars: Tensor
+) -> None:
+    _math(param, grad, exp_avg, exp_avg_sq, None, **scalars)
+
+
+def _update_amsgrad(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor,
+    **scalars: Tensor,
+) -> None:
+    _math(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **scalars)
 
 
 def _kernel(amsgrad: bool) -> Callable[..., None]:
     if amsgrad not in _kernels:
-        _kernels[amsgrad] = torch.compile(_update, dynamic=True)
+        _kernels[amsgrad] = torch.compile(_update_amsgrad if amsgrad else _update, dynamic=True)
     return _kernels[amsgrad]
 
 
@@ -82,18 +110,19 @@ def step(tensors: AdamWTensors, hyper: AdamWHyper) -> bool:
         key = (next_step, p.device, p.dtype)
         if key not in scalars:
             scalars[key] = _scalars(hyper, next_step, p.device, p.dtype)
-        max_sq = tensors.max_exp_avg_sqs[i].view(-1) if hyper.amsgrad else None
-        flat = (
+        flat = [
             p.view(-1),
             tensors.grads[i].view(-1),
             tensors.exp_avgs[i].view(-1),
             tensors.exp_avg_sqs[i].view(-1),
-        )
+        ]
+        if hyper.amsgrad:
+            flat.append(tensors.max_exp_avg_sqs[i].view(-1))
         if position == 0:
             # The first call compiles; without a working compiler nothing has
             # been changed yet, so the caller can fall back cleanly.
             try:
-                kernel(*flat, max_sq, **scalars[key])
+                kernel(*flat, **scalars[key])
             except Exception as error:  # no C++ compiler, unsupported platform, ...
                 _unavailable = f"{type(error).__name__}: {error}".splitlines()[0]
                 warnings.warn(
@@ -104,7 +133,7 @@ def step(tensors: AdamWTensors, hyper: AdamWHyper) -> bool:
                 )
                 return False
         else:
-            kernel(*flat, max_sq, **scalars[key])
+            kernel(*flat, **scalars[key])
         tensors.steps[i] += 1
 
     # Complex, non-contiguous or integer leftovers take the reference path.
@@ -128,4 +157,5 @@ def _scalars(
         "step_size": step_size,
         "bias_correction2_sqrt": bias_correction2_sqrt,
     }
-    return {name: torch.tensor(v, dtype=dtype, device=device) for name, v in values.items()}
+    work = torch.promote_types(dtype, torch.float32)
+    return {name: torch.tensor(v, dtype=work, device=device) for name, v in values.items()}
