@@ -23,7 +23,13 @@ import torch
 from torch import Tensor
 
 # gradtools.adamw imports this module only inside adamw_step, so no cycle.
-from gradtools.adamw import AdamWHyper, AdamWTensors, _for_loop_step, bias_corrections
+from gradtools.adamw import (
+    AdamWHyper,
+    AdamWTensors,
+    _for_loop_step,
+    bias_corrections,
+    decay_factor,
+)
 
 _kernels: dict[bool, Callable[..., None]] = {}
 _unavailable: str | None = None
@@ -150,7 +156,7 @@ def _scalars(
     step_size, bias_correction2_sqrt = bias_corrections(hyper, step)
     values = {
         "sign": -1.0 if hyper.maximize else 1.0,
-        "decay": 1 - hyper.lr * hyper.weight_decay,
+        "decay": decay_factor(hyper),
         "one_minus_beta1": 1 - hyper.beta1,
         "beta2": hyper.beta2,
         "eps": hyper.eps,

@@ -34,6 +34,7 @@ Three implementations of the same update:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,7 +43,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["AdamW", "AdamWHyper", "AdamWTensors", "adamw_step"]
+__all__ = ["AdamW", "AdamWHyper", "AdamWTensors", "adamw_step", "check_hyperparameters"]
 
 Implementation = Literal["for-loop", "foreach", "compiled"]
 
@@ -83,9 +84,14 @@ class AdamWTensors:
 
 @dataclass(frozen=True)
 class AdamWHyper:
-    """The hyperparameters of one parameter group, as plain Python numbers."""
+    """The hyperparameters of one parameter group, as plain Python numbers.
 
-    lr: float
+    ``lr`` may be a 1-element tensor, as in torch; the scalars derived from it
+    (:func:`decay_factor`, :func:`bias_corrections`) are then computed in that
+    tensor's dtype, exactly as ``torch.optim.AdamW`` does.
+    """
+
+    lr: float | Tensor
     beta1: float
     beta2: float
     eps: float
@@ -93,6 +99,52 @@ class AdamWHyper:
     amsgrad: bool
     maximize: bool
     correct_bias: bool
+
+
+_CHECKED = ("lr", "betas", "eps", "weight_decay")
+
+
+def _number(name: str, value: object, where: str) -> float:
+    """``value`` as a float; a 1-element tensor is allowed (as torch allows for lr)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element{where}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number{where}, got {type(value).__name__}")
+    return float(value)
+
+
+def check_hyperparameters(where: str = "", **values: Any) -> None:
+    """Refuse an invalid ``lr``, ``betas``, ``eps`` or ``weight_decay`` (those given).
+
+    Messages are torch's where torch has a check (``where`` is empty for the
+    constructor's arguments); beyond torch, infinite values are refused too,
+    since they train into NaN. ``where`` names the param group, e.g.
+    ``" in param group 1"``.
+    """
+    if "lr" in values:
+        lr = values["lr"]
+        value = _number("lr", lr, where)
+        if not value >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}{where}")
+        if not math.isfinite(value):
+            raise ValueError(f"Invalid learning rate: {lr}{where} (lr must be finite)")
+    if "betas" in values:
+        betas = values["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2){where}, got {betas!r}")
+        for index, beta in enumerate(betas):
+            if not 0.0 <= _number(f"betas[{index}]", beta, where) < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {index}: {beta}{where}")
+    for name, label in (("eps", "epsilon"), ("weight_decay", "weight_decay")):
+        if name in values:
+            raw = values[name]
+            value = _number(name, raw, where)
+            if not value >= 0.0:
+                raise ValueError(f"Invalid {label} value: {raw}{where}")
+            if not math.isfinite(value):
+                raise ValueError(f"Invalid {label} value: {raw}{where} ({name} must be finite)")
 
 
 class AdamW(Optimizer):
@@ -123,7 +175,7 @@ class AdamW(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
@@ -134,20 +186,7 @@ class AdamW(Optimizer):
         fused: bool | None = None,
         correct_bias: bool = True,
     ) -> None:
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-            lr = float(lr.item())
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = {
@@ -162,6 +201,17 @@ class AdamW(Optimizer):
             "correct_bias": correct_bias,
         }
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, refusing invalid hyperparameters as the constructor does.
+
+        torch checks only the constructor's arguments; a group's own ``lr`` of NaN
+        would train into NaN, so every group is checked too (its index is named).
+        """
+        if isinstance(param_group, dict):
+            overrides = {key: param_group[key] for key in _CHECKED if key in param_group}
+            check_hyperparameters(**overrides, where=f" in param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Called by load_state_dict: groups saved by torch.optim.AdamW lack our
@@ -196,8 +246,9 @@ class AdamW(Optimizer):
             if not tensors.params:
                 continue
             beta1, beta2 = group["betas"]
+            lr = group["lr"]
             hyper = AdamWHyper(
-                lr=float(group["lr"]),
+                lr=lr if isinstance(lr, Tensor) else float(lr),
                 beta1=float(beta1),
                 beta2=float(beta2),
                 eps=float(group["eps"]),
@@ -268,17 +319,27 @@ def adamw_step(
         )
 
 
+def decay_factor(hyper: AdamWHyper) -> float:
+    """The decoupled weight decay multiplier ``1 - lr * weight_decay``.
+
+    With a tensor lr this is tensor arithmetic in the lr's dtype (float32 by
+    default), as in torch; with a float lr it is Python (float64) arithmetic.
+    """
+    return float(1 - hyper.lr * hyper.weight_decay)
+
+
 def bias_corrections(hyper: AdamWHyper, step: float) -> tuple[float, float]:
     """Return (step_size, sqrt of the second-moment correction) at ``step``.
 
-    Computed in Python floats, exactly as torch does, so that the for-loop path
-    stays bitwise identical.
+    Computed exactly as torch does (Python floats, or the lr tensor's dtype for
+    the step size when lr is a tensor), so that the for-loop path stays bitwise
+    identical.
     """
     if not hyper.correct_bias:
-        return hyper.lr, 1.0
+        return float(hyper.lr), 1.0
     bias_correction1 = 1 - hyper.beta1**step
     bias_correction2 = 1 - hyper.beta2**step
-    return hyper.lr / bias_correction1, bias_correction2**0.5
+    return float(hyper.lr / bias_correction1), bias_correction2**0.5
 
 
 def _real_views(*tensors: Tensor) -> list[Tensor]:
@@ -292,7 +353,7 @@ def _for_loop_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
         step_t = tensors.steps[i]
         step_t += 1
         if hyper.weight_decay != 0:
-            param.mul_(1 - hyper.lr * hyper.weight_decay)
+            param.mul_(decay_factor(hyper))
         param, grad, exp_avg, exp_avg_sq = _real_views(
             param, grad, tensors.exp_avgs[i], tensors.exp_avg_sqs[i]
         )
@@ -327,7 +388,7 @@ def _foreach_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
             grads = list(torch._foreach_neg(grads))
         torch._foreach_add_(group.steps, 1)
         if hyper.weight_decay != 0:
-            torch._foreach_mul_(params, 1 - hyper.lr * hyper.weight_decay)
+            torch._foreach_mul_(params, decay_factor(hyper))
         torch._foreach_lerp_(exp_avgs, grads, 1 - hyper.beta1)
         torch._foreach_mul_(exp_avg_sqs, hyper.beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - hyper.beta2)

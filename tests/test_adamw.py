@@ -128,6 +128,22 @@ def test_dtypes_none_grads_and_scheduler_match_torch(dtype: torch.dtype, foreach
     assert_same_state(our_opt, their_opt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_tensor_lr_is_bitwise_identical_to_torch(dtype: torch.dtype, amsgrad: bool) -> None:
+    # torch derives the step size and the decay factor from a tensor lr in the
+    # tensor's dtype (float32), not in Python floats; issue 11 item 10a.
+    def kwargs() -> dict[str, Any]:
+        return dict(lr=torch.tensor(1e-2), weight_decay=0.1, amsgrad=amsgrad, foreach=False)
+
+    options = dict(dtype=dtype, none_grads_at=(2,), scheduler=True, groups="several")
+    ours, our_opt = run(lambda g: gradtools.AdamW(g, **kwargs()), **options)
+    theirs, their_opt = run(lambda g: TorchAdamW(g, **kwargs()), **options)
+    assert_bitwise(ours, theirs)
+    assert_same_state(our_opt, their_opt)
+    assert torch.is_tensor(our_opt.param_groups[1]["lr"])  # kept as given, as torch does
+
+
 def test_untouched_and_frozen_parameters_do_not_move() -> None:
     before = make_model()
     model, opt = run(lambda g: gradtools.AdamW(g, lr=1e-1, weight_decay=0.5))
