@@ -26,15 +26,25 @@ Three implementations of the same update:
 - ``"foreach"``: the same arithmetic on lists of tensors with ``torch._foreach_*``
   kernels (fewer kernel launches; the default on CUDA, as in torch).
 - ``"compiled"`` (``fused=True``): the whole per-parameter update as one
-  ``torch.compile``'d elementwise kernel with dynamic shapes, so a single compiled
-  kernel serves every parameter. On CPU this reads and writes each tensor once
-  instead of once per operation. If no compiler is available it falls back to
-  ``"foreach"`` with a warning.
+  ``torch.compile``'d elementwise kernel (see "The compiled kernel" below). If no
+  compiler is available it falls back to ``"foreach"`` with a warning.
+
+Precision: the for-loop and foreach paths do each operation in the parameter's
+dtype, as torch's do, so they stay bitwise identical to torch for bf16 too. The
+compiled path does the math in float32 (float64 for float64 parameters) and
+rounds once on the store, as torch's fused kernels do; in bf16, 0.999 would
+round to 1.0 and the second moment would never move. A tensor ``lr`` is kept as
+given, and the scalars derived from it are computed in its dtype, as in torch.
+
+The module is laid out as ``torch/optim/adamw.py`` is: the thin
+:class:`AdamW` class gathers each group's tensors and hyperparameters; the
+functional :func:`adamw_step` does the update with one of the implementations.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -161,9 +171,11 @@ class AdamW(Optimizer):
         maximize: maximize the objective instead of minimizing (default False).
         foreach: use the ``torch._foreach_*`` implementation. ``None`` chooses it
             where torch does (parameters on CUDA/XPU), else the for-loop.
-        fused: use one compiled kernel per parameter (``torch.compile``). The
-            fastest choice on CPU; falls back to foreach without a compiler.
-            Cannot be combined with ``foreach=True``.
+        fused: use one compiled kernel per parameter (``torch.compile``, math in
+            float32). Faster than the for-loop on CPU but slower than torch's own
+            ``fused=True`` kernel (see benchmarks/RESULTS.md); the first step pays
+            the compilation. Falls back to foreach without a compiler. Cannot be
+            combined with ``foreach=True``.
         correct_bias: apply Adam's bias correction (default True). ``False``
             reproduces the legacy ``transformers.AdamW(correct_bias=False)``.
 
@@ -309,9 +321,7 @@ def adamw_step(
     elif implementation == "foreach":
         _foreach_step(tensors, hyper)
     elif implementation == "compiled":
-        from gradtools import _adamw_compiled
-
-        if not _adamw_compiled.step(tensors, hyper):
+        if not _compiled_step(tensors, hyper):
             _foreach_step(tensors, hyper)
     else:
         raise ValueError(
@@ -406,3 +416,162 @@ def _foreach_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
         torch._foreach_div_(denoms, bias_correction2_sqrts)
         torch._foreach_add_(denoms, hyper.eps)
         torch._foreach_addcdiv_(params, exp_avgs, denoms, negative_step_sizes)
+
+# ---------------------------------------------------------------------------
+# The compiled kernel (fused=True).
+#
+# Eager AdamW runs about ten elementwise operations per parameter, each a full
+# pass over memory. ``torch.compile`` fuses them into one loop that reads the
+# parameter, gradient and both moments once and writes them once, which is what
+# makes torch's own fused CPU kernel fast. The kernel is compiled with dynamic
+# shapes over flattened tensors, so one compilation serves every parameter of a
+# given dtype and device, and the hyperparameters enter as 0-dim tensors so that
+# a learning-rate schedule never triggers a recompilation.
+#
+# The math runs in float32 (float64 for float64 parameters) whatever the
+# parameter dtype; bf16/fp16 values are rounded once, when stored, as in torch's
+# fused kernels. The arithmetic equals the for-loop reference up to rounding (it
+# is not bitwise identical: the compiler may reorder and vectorize).
+# ---------------------------------------------------------------------------
+
+
+class _CompiledKernels:
+    """The compiled update functions, built on first use, and why compiling failed."""
+
+    def __init__(self) -> None:
+        self.kernels: dict[bool, Callable[..., None]] = {}
+        self.failure: str | None = None  # once set, the compiled path is never tried again
+
+    def get(self, amsgrad: bool) -> Callable[..., None]:
+        if amsgrad not in self.kernels:
+            update = _update_amsgrad if amsgrad else _update
+            self.kernels[amsgrad] = torch.compile(update, dynamic=True)
+        return self.kernels[amsgrad]
+
+
+_compiled = _CompiledKernels()
+
+
+def _math(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    sign: Tensor,
+    decay: Tensor,
+    one_minus_beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    step_size: Tensor,
+    bias_correction2_sqrt: Tensor,
+) -> None:
+    # The math runs in the scalars' dtype (float32, or float64 for float64
+    # parameters), never in bf16/fp16: there 0.999 rounds to 1.0 and the second
+    # moment would never move. Results are rounded once, on the store, as in
+    # torch's fused kernels for low-precision parameters.
+    work = sign.dtype
+    g = grad.to(work) * sign  # sign is -1 when maximizing
+    p = param.to(work) * decay
+    m = torch.lerp(exp_avg.to(work), g, one_minus_beta1)
+    v = exp_avg_sq.to(work) * beta2 + g * g * (1 - beta2)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    if max_exp_avg_sq is not None:
+        v = torch.maximum(max_exp_avg_sq.to(work), v)
+        max_exp_avg_sq.copy_(v)
+    denom = v.sqrt() / bias_correction2_sqrt + eps
+    param.copy_(p - m / denom * step_size)
+
+
+# Two entry points rather than one with an optional argument: torch.compile
+# counts recompilations per function, and every (dtype, amsgrad, size-1 or not)
+# combination is one; separate functions keep each count well under the limit.
+def _update(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, **scalars: Tensor
+) -> None:
+    _math(param, grad, exp_avg, exp_avg_sq, None, **scalars)
+
+
+def _update_amsgrad(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor,
+    **scalars: Tensor,
+) -> None:
+    _math(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **scalars)
+
+
+def _eligible(p: Tensor) -> bool:
+    # Flattening must give a view, not a copy, or the in-place update is lost.
+    return p.is_contiguous() and not torch.is_complex(p) and p.is_floating_point()
+
+
+def _compiled_step(tensors: AdamWTensors, hyper: AdamWHyper) -> bool:
+    """Run the compiled update; return False (having changed nothing) if unavailable."""
+    if _compiled.failure is not None:
+        return False
+    compiled = [
+        i for i, p in enumerate(tensors.params) if _eligible(p) and tensors.grads[i].is_contiguous()
+    ]
+    if not compiled:
+        return False
+    kernel = _compiled.get(hyper.amsgrad)
+    scalars: dict[tuple[float, torch.device, torch.dtype], dict[str, Tensor]] = {}
+    for position, i in enumerate(compiled):
+        p = tensors.params[i]
+        next_step = float(tensors.steps[i].item()) + 1
+        key = (next_step, p.device, p.dtype)
+        if key not in scalars:
+            scalars[key] = _scalars(hyper, next_step, p.device, p.dtype)
+        flat = [
+            p.view(-1),
+            tensors.grads[i].view(-1),
+            tensors.exp_avgs[i].view(-1),
+            tensors.exp_avg_sqs[i].view(-1),
+        ]
+        if hyper.amsgrad:
+            flat.append(tensors.max_exp_avg_sqs[i].view(-1))
+        if position == 0:
+            # The first call compiles; without a working compiler nothing has
+            # been changed yet, so the caller can fall back cleanly.
+            try:
+                kernel(*flat, **scalars[key])
+            except Exception as error:  # no C++ compiler, unsupported platform, ...
+                _compiled.failure = f"{type(error).__name__}: {error}".splitlines()[0]
+                warnings.warn(
+                    "gradtools.AdamW(fused=True) could not compile its kernel "
+                    f"({_compiled.failure}); falling back to the foreach implementation",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return False
+        else:
+            kernel(*flat, **scalars[key])
+        tensors.steps[i] += 1
+
+    # Complex, non-contiguous or integer leftovers take the reference path.
+    compiled_set = set(compiled)
+    rest = [i for i in range(len(tensors.params)) if i not in compiled_set]
+    if rest:
+        _for_loop_step(tensors.subset(rest), hyper)
+    return True
+
+
+def _scalars(
+    hyper: AdamWHyper, step: float, device: torch.device, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    step_size, bias_correction2_sqrt = bias_corrections(hyper, step)
+    values = {
+        "sign": -1.0 if hyper.maximize else 1.0,
+        "decay": decay_factor(hyper),
+        "one_minus_beta1": 1 - hyper.beta1,
+        "beta2": hyper.beta2,
+        "eps": hyper.eps,
+        "step_size": step_size,
+        "bias_correction2_sqrt": bias_correction2_sqrt,
+    }
+    work = torch.promote_types(dtype, torch.float32)
+    return {name: torch.tensor(v, dtype=work, device=device) for name, v in values.items()}

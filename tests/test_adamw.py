@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import gradtools
-from gradtools import _adamw_compiled
+from gradtools import adamw as adamw_module
 
 TorchAdamW = torch.optim.AdamW
 
@@ -239,8 +239,7 @@ def test_compiled_path_falls_back_to_foreach_without_a_compiler(
 
         return kernel
 
-    monkeypatch.setattr(_adamw_compiled, "_kernels", {})
-    monkeypatch.setattr(_adamw_compiled, "_unavailable", None)
+    monkeypatch.setattr(adamw_module, "_compiled", adamw_module._CompiledKernels())
     monkeypatch.setattr(torch, "compile", broken_compile)
     with pytest.warns(RuntimeWarning, match="falling back to the foreach"):
         fused, fused_opt = run(lambda g: gradtools.AdamW(g, lr=1e-2, fused=True))
