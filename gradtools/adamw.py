@@ -26,14 +26,25 @@ Three implementations of the same update:
 - ``"foreach"``: the same arithmetic on lists of tensors with ``torch._foreach_*``
   kernels (fewer kernel launches; the default on CUDA, as in torch).
 - ``"compiled"`` (``fused=True``): the whole per-parameter update as one
-  ``torch.compile``'d elementwise kernel with dynamic shapes, so a single compiled
-  kernel serves every parameter. On CPU this reads and writes each tensor once
-  instead of once per operation. If no compiler is available it falls back to
-  ``"foreach"`` with a warning.
+  ``torch.compile``'d elementwise kernel (see "The compiled kernel" below). If no
+  compiler is available it falls back to ``"foreach"`` with a warning.
+
+Precision: the for-loop and foreach paths do each operation in the parameter's
+dtype, as torch's do, so they stay bitwise identical to torch for bf16 too. The
+compiled path does the math in float32 (float64 for float64 parameters) and
+rounds once on the store, as torch's fused kernels do; in bf16, 0.999 would
+round to 1.0 and the second moment would never move. A tensor ``lr`` is kept as
+given, and the scalars derived from it are computed in its dtype, as in torch.
+
+The module is laid out as ``torch/optim/adamw.py`` is: the thin
+:class:`AdamW` class gathers each group's tensors and hyperparameters; the
+functional :func:`adamw_step` does the update with one of the implementations.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,7 +53,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["AdamW", "AdamWHyper", "AdamWTensors", "adamw_step"]
+__all__ = ["AdamW", "AdamWHyper", "AdamWTensors", "adamw_step", "check_hyperparameters"]
 
 Implementation = Literal["for-loop", "foreach", "compiled"]
 
@@ -83,9 +94,14 @@ class AdamWTensors:
 
 @dataclass(frozen=True)
 class AdamWHyper:
-    """The hyperparameters of one parameter group, as plain Python numbers."""
+    """The hyperparameters of one parameter group, as plain Python numbers.
 
-    lr: float
+    ``lr`` may be a 1-element tensor, as in torch; the scalars derived from it
+    (:func:`decay_factor`, :func:`bias_corrections`) are then computed in that
+    tensor's dtype, exactly as ``torch.optim.AdamW`` does.
+    """
+
+    lr: float | Tensor
     beta1: float
     beta2: float
     eps: float
@@ -93,6 +109,52 @@ class AdamWHyper:
     amsgrad: bool
     maximize: bool
     correct_bias: bool
+
+
+_CHECKED = ("lr", "betas", "eps", "weight_decay")
+
+
+def _number(name: str, value: object, where: str) -> float:
+    """``value`` as a float; a 1-element tensor is allowed (as torch allows for lr)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element{where}")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number{where}, got {type(value).__name__}")
+    return float(value)
+
+
+def check_hyperparameters(where: str = "", **values: Any) -> None:
+    """Refuse an invalid ``lr``, ``betas``, ``eps`` or ``weight_decay`` (those given).
+
+    Messages are torch's where torch has a check (``where`` is empty for the
+    constructor's arguments); beyond torch, infinite values are refused too,
+    since they train into NaN. ``where`` names the param group, e.g.
+    ``" in param group 1"``.
+    """
+    if "lr" in values:
+        lr = values["lr"]
+        value = _number("lr", lr, where)
+        if not value >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}{where}")
+        if not math.isfinite(value):
+            raise ValueError(f"Invalid learning rate: {lr}{where} (lr must be finite)")
+    if "betas" in values:
+        betas = values["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2){where}, got {betas!r}")
+        for index, beta in enumerate(betas):
+            if not 0.0 <= _number(f"betas[{index}]", beta, where) < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {index}: {beta}{where}")
+    for name, label in (("eps", "epsilon"), ("weight_decay", "weight_decay")):
+        if name in values:
+            raw = values[name]
+            value = _number(name, raw, where)
+            if not value >= 0.0:
+                raise ValueError(f"Invalid {label} value: {raw}{where}")
+            if not math.isfinite(value):
+                raise ValueError(f"Invalid {label} value: {raw}{where} ({name} must be finite)")
 
 
 class AdamW(Optimizer):
@@ -109,9 +171,11 @@ class AdamW(Optimizer):
         maximize: maximize the objective instead of minimizing (default False).
         foreach: use the ``torch._foreach_*`` implementation. ``None`` chooses it
             where torch does (parameters on CUDA/XPU), else the for-loop.
-        fused: use one compiled kernel per parameter (``torch.compile``). The
-            fastest choice on CPU; falls back to foreach without a compiler.
-            Cannot be combined with ``foreach=True``.
+        fused: use one compiled kernel per parameter (``torch.compile``, math in
+            float32). Faster than the for-loop on CPU but slower than torch's own
+            ``fused=True`` kernel (see benchmarks/RESULTS.md); the first step pays
+            the compilation. Falls back to foreach without a compiler. Cannot be
+            combined with ``foreach=True``.
         correct_bias: apply Adam's bias correction (default True). ``False``
             reproduces the legacy ``transformers.AdamW(correct_bias=False)``.
 
@@ -123,7 +187,7 @@ class AdamW(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
@@ -134,20 +198,7 @@ class AdamW(Optimizer):
         fused: bool | None = None,
         correct_bias: bool = True,
     ) -> None:
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError("Tensor lr must be 1-element")
-            lr = float(lr.item())
-        if not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not eps >= 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         if fused and foreach:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = {
@@ -162,6 +213,17 @@ class AdamW(Optimizer):
             "correct_bias": correct_bias,
         }
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, refusing invalid hyperparameters as the constructor does.
+
+        torch checks only the constructor's arguments; a group's own ``lr`` of NaN
+        would train into NaN, so every group is checked too (its index is named).
+        """
+        if isinstance(param_group, dict):
+            overrides = {key: param_group[key] for key in _CHECKED if key in param_group}
+            check_hyperparameters(**overrides, where=f" in param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Called by load_state_dict: groups saved by torch.optim.AdamW lack our
@@ -196,8 +258,9 @@ class AdamW(Optimizer):
             if not tensors.params:
                 continue
             beta1, beta2 = group["betas"]
+            lr = group["lr"]
             hyper = AdamWHyper(
-                lr=float(group["lr"]),
+                lr=lr if isinstance(lr, Tensor) else float(lr),
                 beta1=float(beta1),
                 beta2=float(beta2),
                 eps=float(group["eps"]),
@@ -258,9 +321,7 @@ def adamw_step(
     elif implementation == "foreach":
         _foreach_step(tensors, hyper)
     elif implementation == "compiled":
-        from gradtools import _adamw_compiled
-
-        if not _adamw_compiled.step(tensors, hyper):
+        if not _compiled_step(tensors, hyper):
             _foreach_step(tensors, hyper)
     else:
         raise ValueError(
@@ -268,17 +329,27 @@ def adamw_step(
         )
 
 
+def decay_factor(hyper: AdamWHyper) -> float:
+    """The decoupled weight decay multiplier ``1 - lr * weight_decay``.
+
+    With a tensor lr this is tensor arithmetic in the lr's dtype (float32 by
+    default), as in torch; with a float lr it is Python (float64) arithmetic.
+    """
+    return float(1 - hyper.lr * hyper.weight_decay)
+
+
 def bias_corrections(hyper: AdamWHyper, step: float) -> tuple[float, float]:
     """Return (step_size, sqrt of the second-moment correction) at ``step``.
 
-    Computed in Python floats, exactly as torch does, so that the for-loop path
-    stays bitwise identical.
+    Computed exactly as torch does (Python floats, or the lr tensor's dtype for
+    the step size when lr is a tensor), so that the for-loop path stays bitwise
+    identical.
     """
     if not hyper.correct_bias:
-        return hyper.lr, 1.0
+        return float(hyper.lr), 1.0
     bias_correction1 = 1 - hyper.beta1**step
     bias_correction2 = 1 - hyper.beta2**step
-    return hyper.lr / bias_correction1, bias_correction2**0.5
+    return float(hyper.lr / bias_correction1), bias_correction2**0.5
 
 
 def _real_views(*tensors: Tensor) -> list[Tensor]:
@@ -292,7 +363,7 @@ def _for_loop_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
         step_t = tensors.steps[i]
         step_t += 1
         if hyper.weight_decay != 0:
-            param.mul_(1 - hyper.lr * hyper.weight_decay)
+            param.mul_(decay_factor(hyper))
         param, grad, exp_avg, exp_avg_sq = _real_views(
             param, grad, tensors.exp_avgs[i], tensors.exp_avg_sqs[i]
         )
@@ -327,7 +398,7 @@ def _foreach_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
             grads = list(torch._foreach_neg(grads))
         torch._foreach_add_(group.steps, 1)
         if hyper.weight_decay != 0:
-            torch._foreach_mul_(params, 1 - hyper.lr * hyper.weight_decay)
+            torch._foreach_mul_(params, decay_factor(hyper))
         torch._foreach_lerp_(exp_avgs, grads, 1 - hyper.beta1)
         torch._foreach_mul_(exp_avg_sqs, hyper.beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - hyper.beta2)
@@ -345,3 +416,162 @@ def _foreach_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
         torch._foreach_div_(denoms, bias_correction2_sqrts)
         torch._foreach_add_(denoms, hyper.eps)
         torch._foreach_addcdiv_(params, exp_avgs, denoms, negative_step_sizes)
+
+# ---------------------------------------------------------------------------
+# The compiled kernel (fused=True).
+#
+# Eager AdamW runs about ten elementwise operations per parameter, each a full
+# pass over memory. ``torch.compile`` fuses them into one loop that reads the
+# parameter, gradient and both moments once and writes them once, which is what
+# makes torch's own fused CPU kernel fast. The kernel is compiled with dynamic
+# shapes over flattened tensors, so one compilation serves every parameter of a
+# given dtype and device, and the hyperparameters enter as 0-dim tensors so that
+# a learning-rate schedule never triggers a recompilation.
+#
+# The math runs in float32 (float64 for float64 parameters) whatever the
+# parameter dtype; bf16/fp16 values are rounded once, when stored, as in torch's
+# fused kernels. The arithmetic equals the for-loop reference up to rounding (it
+# is not bitwise identical: the compiler may reorder and vectorize).
+# ---------------------------------------------------------------------------
+
+
+class _CompiledKernels:
+    """The compiled update functions, built on first use, and why compiling failed."""
+
+    def __init__(self) -> None:
+        self.kernels: dict[bool, Callable[..., None]] = {}
+        self.failure: str | None = None  # once set, the compiled path is never tried again
+
+    def get(self, amsgrad: bool) -> Callable[..., None]:
+        if amsgrad not in self.kernels:
+            update = _update_amsgrad if amsgrad else _update
+            self.kernels[amsgrad] = torch.compile(update, dynamic=True)
+        return self.kernels[amsgrad]
+
+
+_compiled = _CompiledKernels()
+
+
+def _math(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor | None,
+    sign: Tensor,
+    decay: Tensor,
+    one_minus_beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    step_size: Tensor,
+    bias_correction2_sqrt: Tensor,
+) -> None:
+    # The math runs in the scalars' dtype (float32, or float64 for float64
+    # parameters), never in bf16/fp16: there 0.999 rounds to 1.0 and the second
+    # moment would never move. Results are rounded once, on the store, as in
+    # torch's fused kernels for low-precision parameters.
+    work = sign.dtype
+    g = grad.to(work) * sign  # sign is -1 when maximizing
+    p = param.to(work) * decay
+    m = torch.lerp(exp_avg.to(work), g, one_minus_beta1)
+    v = exp_avg_sq.to(work) * beta2 + g * g * (1 - beta2)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    if max_exp_avg_sq is not None:
+        v = torch.maximum(max_exp_avg_sq.to(work), v)
+        max_exp_avg_sq.copy_(v)
+    denom = v.sqrt() / bias_correction2_sqrt + eps
+    param.copy_(p - m / denom * step_size)
+
+
+# Two entry points rather than one with an optional argument: torch.compile
+# counts recompilations per function, and every (dtype, amsgrad, size-1 or not)
+# combination is one; separate functions keep each count well under the limit.
+def _update(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, **scalars: Tensor
+) -> None:
+    _math(param, grad, exp_avg, exp_avg_sq, None, **scalars)
+
+
+def _update_amsgrad(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor,
+    **scalars: Tensor,
+) -> None:
+    _math(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, **scalars)
+
+
+def _eligible(p: Tensor) -> bool:
+    # Flattening must give a view, not a copy, or the in-place update is lost.
+    return p.is_contiguous() and not torch.is_complex(p) and p.is_floating_point()
+
+
+def _compiled_step(tensors: AdamWTensors, hyper: AdamWHyper) -> bool:
+    """Run the compiled update; return False (having changed nothing) if unavailable."""
+    if _compiled.failure is not None:
+        return False
+    compiled = [
+        i for i, p in enumerate(tensors.params) if _eligible(p) and tensors.grads[i].is_contiguous()
+    ]
+    if not compiled:
+        return False
+    kernel = _compiled.get(hyper.amsgrad)
+    scalars: dict[tuple[float, torch.device, torch.dtype], dict[str, Tensor]] = {}
+    for position, i in enumerate(compiled):
+        p = tensors.params[i]
+        next_step = float(tensors.steps[i].item()) + 1
+        key = (next_step, p.device, p.dtype)
+        if key not in scalars:
+            scalars[key] = _scalars(hyper, next_step, p.device, p.dtype)
+        flat = [
+            p.view(-1),
+            tensors.grads[i].view(-1),
+            tensors.exp_avgs[i].view(-1),
+            tensors.exp_avg_sqs[i].view(-1),
+        ]
+        if hyper.amsgrad:
+            flat.append(tensors.max_exp_avg_sqs[i].view(-1))
+        if position == 0:
+            # The first call compiles; without a working compiler nothing has
+            # been changed yet, so the caller can fall back cleanly.
+            try:
+                kernel(*flat, **scalars[key])
+            except Exception as error:  # no C++ compiler, unsupported platform, ...
+                _compiled.failure = f"{type(error).__name__}: {error}".splitlines()[0]
+                warnings.warn(
+                    "gradtools.AdamW(fused=True) could not compile its kernel "
+                    f"({_compiled.failure}); falling back to the foreach implementation",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                return False
+        else:
+            kernel(*flat, **scalars[key])
+        tensors.steps[i] += 1
+
+    # Complex, non-contiguous or integer leftovers take the reference path.
+    compiled_set = set(compiled)
+    rest = [i for i in range(len(tensors.params)) if i not in compiled_set]
+    if rest:
+        _for_loop_step(tensors.subset(rest), hyper)
+    return True
+
+
+def _scalars(
+    hyper: AdamWHyper, step: float, device: torch.device, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    step_size, bias_correction2_sqrt = bias_corrections(hyper, step)
+    values = {
+        "sign": -1.0 if hyper.maximize else 1.0,
+        "decay": decay_factor(hyper),
+        "one_minus_beta1": 1 - hyper.beta1,
+        "beta2": hyper.beta2,
+        "eps": hyper.eps,
+        "step_size": step_size,
+        "bias_correction2_sqrt": bias_correction2_sqrt,
+    }
+    work = torch.promote_types(dtype, torch.float32)
+    return {name: torch.tensor(v, dtype=work, device=device) for name, v in values.items()}

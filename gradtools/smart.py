@@ -134,12 +134,44 @@ class SMARTStats:
     delta_norm_mean: Tensor | None = None
 
 
-def _check_nonnegative(name: str, value: float) -> float:
+# delta is float32 (see the module docstring); a radius, noise scale or step
+# beyond the largest float32 cannot be represented in it at all.
+_LARGEST_PERTURBATION = torch.finfo(torch.float32).max
+
+
+def _check_perturbation_scale(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    if value > _LARGEST_PERTURBATION:
+        raise ValueError(
+            f"{name} must be at most {_LARGEST_PERTURBATION:.4g} (the largest float32: the "
+            f"perturbation is float32), got {value}; SMART's scales are usually about 1e-5"
+        )
     return float(value)
+
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_precision(embeddings: Tensor) -> None:
+    """Refuse half-precision embeddings outside autocast, before the model is run.
+
+    delta and ``embeddings + delta`` are float32 (a 1e-5 perturbation rounds away
+    in fp16/bf16), so ``forward`` receives float32 inputs; a model whose weights
+    are fp16/bf16 and runs without autocast would fail deep inside with a dtype
+    mismatch, or silently drop the perturbation if it cast its input down.
+    """
+    device_type = embeddings.device.type
+    if embeddings.dtype in _HALF_DTYPES and not torch.is_autocast_enabled(device_type):
+        raise TypeError(
+            f"embeddings are {embeddings.dtype} and no torch.autocast is active on "
+            f"{device_type!r}: SMART keeps delta and embeddings + delta in float32 (a "
+            "perturbation of 1e-5 rounds away in half precision), so forward gets float32 "
+            "inputs. Keep the model's weights float32 and run it under "
+            f"torch.autocast({device_type!r}, dtype={embeddings.dtype}) instead"
+        )
 
 
 def _detach_outputs(outputs: Outputs) -> Outputs:
@@ -186,9 +218,9 @@ class SMART:
         detach_clean: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
-        self.epsilon = _check_nonnegative("epsilon", epsilon)
-        self.noise_std = _check_nonnegative("noise_std", noise_std)
-        self.step_size = _check_nonnegative("step_size", step_size)
+        self.epsilon = _check_perturbation_scale("epsilon", epsilon)
+        self.noise_std = _check_perturbation_scale("noise_std", noise_std)
+        self.step_size = _check_perturbation_scale("step_size", step_size)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}")
         self.steps = steps
@@ -303,6 +335,7 @@ class SMART:
             raise ValueError(
                 f"embeddings must be [B, ..., H], got shape {list(embeddings.shape)}"
             )
+        _check_precision(embeddings)
         keep = self._token_mask(embeddings, mask)
         if self.dropout == "replay":
             check_rng_device(rng_state, embeddings.device)

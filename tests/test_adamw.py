@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import gradtools
-from gradtools import _adamw_compiled
+from gradtools import adamw as adamw_module
 
 TorchAdamW = torch.optim.AdamW
 
@@ -128,6 +128,22 @@ def test_dtypes_none_grads_and_scheduler_match_torch(dtype: torch.dtype, foreach
     assert_same_state(our_opt, their_opt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_tensor_lr_is_bitwise_identical_to_torch(dtype: torch.dtype, amsgrad: bool) -> None:
+    # torch derives the step size and the decay factor from a tensor lr in the
+    # tensor's dtype (float32), not in Python floats; issue 11 item 10a.
+    def kwargs() -> dict[str, Any]:
+        return dict(lr=torch.tensor(1e-2), weight_decay=0.1, amsgrad=amsgrad, foreach=False)
+
+    options = dict(dtype=dtype, none_grads_at=(2,), scheduler=True, groups="several")
+    ours, our_opt = run(lambda g: gradtools.AdamW(g, **kwargs()), **options)
+    theirs, their_opt = run(lambda g: TorchAdamW(g, **kwargs()), **options)
+    assert_bitwise(ours, theirs)
+    assert_same_state(our_opt, their_opt)
+    assert torch.is_tensor(our_opt.param_groups[1]["lr"])  # kept as given, as torch does
+
+
 def test_untouched_and_frozen_parameters_do_not_move() -> None:
     before = make_model()
     model, opt = run(lambda g: gradtools.AdamW(g, lr=1e-1, weight_decay=0.5))
@@ -172,6 +188,48 @@ def test_compiled_matches_for_loop(amsgrad: bool) -> None:
         assert torch.equal(state["step"], fused_opt.state_dict()["state"][index]["step"])
 
 
+def assert_within_one_rounding(a: nn.Module, b: nn.Module) -> None:
+    """Each value of ``a`` is at most one rounding (ulp of its dtype) away from ``b``'s."""
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert pa.dtype == pb.dtype
+        wide_a, wide_b = pa.double(), pb.double()
+        ulp = torch.finfo(pa.dtype).eps * torch.maximum(wide_a.abs(), wide_b.abs())
+        gap = (wide_a - wide_b).abs() - ulp.clamp_min(torch.finfo(pa.dtype).tiny)
+        assert gap.max().item() <= 0, f"{name}: {(wide_a - wide_b).abs().max().item()} apart"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("dtype", "amsgrad"),
+    [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False)],
+    ids=["bf16", "bf16-amsgrad", "fp16"],
+)
+def test_compiled_on_half_precision_matches_torch_fused(dtype: torch.dtype, amsgrad: bool) -> None:
+    # Issue 11 item 1: the hyperparameters used to be cast to the parameter
+    # dtype, where 0.999 rounds to 1.0 in bf16 and the update divides by eps.
+    # torch's fused CPU kernel does the math in float32 and rounds on the store.
+    kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad, maximize=amsgrad)
+    options = dict(dtype=dtype, none_grads_at=(2,), scheduler=True, groups="several")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*falling back", category=RuntimeWarning)
+        ours, our_opt = run(lambda g: gradtools.AdamW(g, fused=True, **kwargs), **options)
+    theirs, their_opt = run(lambda g: TorchAdamW(g, fused=True, **kwargs), **options)
+    assert_within_one_rounding(ours, theirs)
+    for index, state in their_opt.state_dict()["state"].items():
+        for key, value in state.items():
+            assert our_opt.state_dict()["state"][index][key].dtype == value.dtype, key
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_bfloat16_for_loop_and_foreach_are_bitwise_identical_to_torch(foreach: bool) -> None:
+    kwargs = dict(lr=1e-2, weight_decay=0.1, foreach=foreach)
+    options = dict(dtype=torch.bfloat16, none_grads_at=(2,), scheduler=True, groups="several")
+    ours, our_opt = run(lambda g: gradtools.AdamW(g, **kwargs), **options)
+    theirs, their_opt = run(lambda g: TorchAdamW(g, **kwargs), **options)
+    assert_bitwise(ours, theirs)
+    assert_same_state(our_opt, their_opt)
+
+
 def test_compiled_path_falls_back_to_foreach_without_a_compiler(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -181,8 +239,7 @@ def test_compiled_path_falls_back_to_foreach_without_a_compiler(
 
         return kernel
 
-    monkeypatch.setattr(_adamw_compiled, "_kernels", {})
-    monkeypatch.setattr(_adamw_compiled, "_unavailable", None)
+    monkeypatch.setattr(adamw_module, "_compiled", adamw_module._CompiledKernels())
     monkeypatch.setattr(torch, "compile", broken_compile)
     with pytest.warns(RuntimeWarning, match="falling back to the foreach"):
         fused, fused_opt = run(lambda g: gradtools.AdamW(g, lr=1e-2, fused=True))
