@@ -115,7 +115,7 @@ def nonneg_qp(
         if not candidates:
             break
         free.append(min(candidates, key=lambda i: reduced[i]))
-    return np.maximum(y, 0.0)
+    return _np.maximum(y, 0.0)
 
 
 def power_balance(q: np.ndarray, alpha: float, start: np.ndarray | None = None) -> np.ndarray:
