@@ -36,10 +36,12 @@ class NashMTL(BlockAggregator):
     so that every task's share ``<d, g_i>`` of the update ``d = sum a_t g_t`` is
     ``1 / a_i``. As the official code, G is first divided by its Frobenius norm
     (so the weights do not change when all gradients are scaled by one factor
-    and the update scales with the gradients). We solve the balance exactly,
-    by Newton's method on its convex potential (relative residual <= 1e-10,
-    ridge 1e-8 on the normalised G), where the official code and torchjd run at
-    most 20 sequential convex approximations with cvxpy/ECOS.
+    and the update scales with the gradients). Writing ``G = D R D`` (D the norms,
+    R the correlations) and ``a = D^-1 b``, the balance is ``(R b)_i = 1/b_i``: it only
+    depends on the directions. We solve that exactly, by Newton's method on its
+    convex potential (relative residual <= 1e-10, ridge 1e-8 on R), where the
+    official code and torchjd run at most 20 sequential convex approximations
+    with cvxpy/ECOS on the normalised G.
 
     ``max_norm`` (off by default; torchjd and the official code use 1.0) clips
     ``|d|``, computed from the Gram block. ``update_every`` reuses the last
@@ -52,8 +54,8 @@ class NashMTL(BlockAggregator):
 
     Degenerate inputs: zero gradients get weight 0. When a non-negative
     combination of gradients vanishes (opposite gradients) the exact balance
-    does not exist; the ridge keeps the weights finite (about 1e4 on the
-    normalised scale) while the update along the cancelling gradients stays 0.
+    does not exist; the ridge keeps the weights finite (about 1e4 times
+    ``sqrt(|G|_F) / |g_i|``) while the update along the cancelling gradients stays 0.
     """
 
     name = "nashmtl"
