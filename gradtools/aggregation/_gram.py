@@ -63,7 +63,8 @@ def norms_and_correlation_np(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     Returns ``(norms, nonzero, corr)`` with ``corr`` zero on the rows and
     columns of zero gradients (and on their diagonal).
     """
-    norms = np.sqrt(gram.diagonal().clip(0.0, None))
+    diag = gram.diagonal()
+    norms = np.sqrt(np.where(diag > 0.0, diag, 0.0))
     nonzero = norms > _ZERO_NORM
     inv = np.where(nonzero, 1.0 / np.where(nonzero, norms, 1.0), 0.0)
     corr = ((gram * inv[:, None]) * inv[None, :]).clip(-1.0, 1.0)
