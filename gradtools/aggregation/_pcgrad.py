@@ -34,7 +34,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from gradtools.aggregation._base import Aggregation, Aggregator, register
+from gradtools.aggregation._base import Aggregation, Aggregator, checked_gram, register
 from gradtools.aggregation._gram import _ZERO_NORM, _check_gram
 
 __all__ = [
@@ -227,6 +227,7 @@ class PCGrad(Aggregator):
         return draw_orders(num_tasks, generator)
 
     def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+        gram = checked_gram(gram)
         if draw is None:
             raise ValueError(
                 "PCGrad.aggregate needs the visiting orders: pass draw=self.draw(T, generator)"
