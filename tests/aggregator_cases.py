@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from gradtools import aggregation as agg
 
 SETTINGS = settings(
-    max_examples=25,
+    max_examples=20,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
