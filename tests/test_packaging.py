@@ -1,10 +1,11 @@
 """The distributions a user installs: built from a copy of this tree, installed into a fresh venv.
 
 One build (sdist, then the wheel from it, as `python -m build` does) is shared by
-the tests here. The fresh venv gets torch, and torch's own requirements, from
-this environment through a .pth file that points at a folder of links to those
-distributions alone (nothing is downloaded or reinstalled), so `import numpy`
-or any other package that gradtools forgot to declare fails there.
+the tests here. The fresh venv gets gradtools' declared core requirements (torch
+and numpy) and their own requirements from this environment, through a .pth file
+that points at a folder of links to those distributions alone (nothing is
+downloaded or reinstalled), so any package that gradtools forgot to declare
+(tqdm, say) fails to import there.
 """
 
 from __future__ import annotations
@@ -85,10 +86,13 @@ def _requirement_name(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", match.group(0)).lower()
 
 
-def _torch_closure() -> list[metadata.Distribution]:
-    """torch and the distributions it requires (no extras), as installed here."""
+CORE = ["torch", "numpy"]  # gradtools' core requirements, as pyproject.toml declares them
+
+
+def _core_closure() -> list[metadata.Distribution]:
+    """The core requirements and the distributions they require (no extras), as installed here."""
     seen: dict[str, metadata.Distribution] = {}
-    todo = ["torch"]
+    todo = list(CORE)
     while todo:
         name = todo.pop()
         if name in seen:
@@ -101,10 +105,10 @@ def _torch_closure() -> list[metadata.Distribution]:
     return list(seen.values())
 
 
-def _torch_only_folder(folder: Path) -> Path:
-    """A folder of links to the files of torch and its requirements, and nothing else."""
+def _core_only_folder(folder: Path) -> Path:
+    """A folder of links to the files of the core requirements and theirs, and nothing else."""
     folder.mkdir()
-    for dist in _torch_closure():
+    for dist in _core_closure():
         for file in dist.files or []:
             top = file.parts[0]
             if top == ".." or (folder / top).exists():
@@ -123,9 +127,9 @@ def fresh_venv(dists: Dists, tmp_path_factory: pytest.TempPathFactory) -> Path:
     python = env_dir / "bin" / "python"
     site = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                cwd=base, env=clean_env()).stdout.strip()
-    (Path(site) / "torch-only.pth").write_text(str(_torch_only_folder(base / "torch-only")) + "\n")
+    (Path(site) / "core-only.pth").write_text(str(_core_only_folder(base / "core-only")) + "\n")
     # pip from this environment installs into the fresh one; --no-index: the wheel's
-    # requirements must be met by what is there (torch), or the install fails.
+    # requirements must be met by what is there (torch, numpy), or the install fails.
     run([sys.executable, "-m", "pip", "--python", python, "install", "--no-index",
          "--disable-pip-version-check", dists.wheel], cwd=base, env=clean_env())
     return env_dir
@@ -145,13 +149,13 @@ print(json.dumps({
     "license": meta["License-Expression"],
     "license_files": meta.get_all("License-File"),
     "requires": md.requires("gradtools"),
-    "numpy": importlib.util.find_spec("numpy") is not None,
+    "tqdm": importlib.util.find_spec("tqdm") is not None,
     "moved": bool((p != 1).all()),
 }))
 """
 
 
-def test_wheel_installs_and_imports_with_only_torch(fresh_venv: Path, tmp_path: Path) -> None:
+def test_wheel_installs_and_imports_with_only_its_core_requirements(fresh_venv: Path, tmp_path: Path) -> None:
     python = fresh_venv / "bin" / "python"
     found = json.loads(run([python, "-c", PROBE], cwd=tmp_path, env=clean_env()).stdout)
     assert Path(found["file"]).is_relative_to(fresh_venv), found["file"]  # not the source tree
@@ -161,8 +165,8 @@ def test_wheel_installs_and_imports_with_only_torch(fresh_venv: Path, tmp_path: 
     assert found["license"] == "MIT"
     assert found["license_files"] == ["LICENSE"]
     core = [r for r in found["requires"] if "extra ==" not in r]
-    assert [_requirement_name(r) for r in core] == ["torch"], core
-    assert not found["numpy"], "the fresh venv should not see numpy"
+    assert [_requirement_name(r) for r in core] == CORE, core
+    assert not found["tqdm"], "the fresh venv should see only the core requirements"
     assert found["moved"]
 
 
