@@ -24,18 +24,7 @@ from torch import Tensor
 
 import gradtools
 
-from toy_tasks import KINDS, TwoHeadEncoder, task_losses, tiny_bert, toy_batch
-
-
-class ToyDataset(torch.utils.data.Dataset):
-    def __init__(self, size: int, seq_len: int, vocab_size: int, seed: int) -> None:
-        self.rows = toy_batch(size, seq_len, vocab_size, torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.rows["input_ids"])
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        return {key: value[i] for key, value in self.rows.items()}
+from toy_tasks import KINDS, ToyDataset, TwoHeadEncoder, task_losses, tiny_bert
 
 
 class MultiTaskModule(pl.LightningModule):

@@ -32,6 +32,19 @@ def toy_batch(batch_size: int, seq_len: int, vocab_size: int,
     return {"input_ids": ids, "attention_mask": mask, "sentiment": sentiment, "score": 5 * share}
 
 
+class ToyDataset(torch.utils.data.Dataset):
+    """``size`` toy rows as a map-style dataset, for the Trainer and Lightning recipes."""
+
+    def __init__(self, size: int, seq_len: int, vocab_size: int, seed: int) -> None:
+        self.rows = toy_batch(size, seq_len, vocab_size, torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.rows["input_ids"])
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {key: value[i] for key, value in self.rows.items()}
+
+
 def tiny_bert(vocab_size: int = 64, hidden: int = 32, layers: int = 2, seed: int = 0) -> nn.Module:
     """A randomly initialised transformers BertModel (nothing is downloaded)."""
     from transformers import BertConfig, BertModel

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from gradtools.aggregation._base import Aggregation, Aggregator, checked_gram, register
-from gradtools.aggregation._gram import _ZERO_NORM
+from gradtools.aggregation._gram import norms_and_correlation_lists
 from gradtools.aggregation._pcgrad import draw_orders, validate_orders
 
 
@@ -109,18 +109,7 @@ def _gradvac_block(
 ) -> list[float]:
     """GradVac on one Gram block; updates ``targets`` in place, returns the weights."""
     num_tasks = len(gram)
-    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(num_tasks)]
-    nonzero = [n > _ZERO_NORM for n in norms]
-    inv = [1.0 / n if nz else 0.0 for n, nz in zip(norms, nonzero, strict=True)]
-    corr = [
-        [
-            (1.0 if nonzero[i] else 0.0)
-            if i == j
-            else min(1.0, max(-1.0, (gram[i][j] * inv[i]) * inv[j]))
-            for j in range(num_tasks)
-        ]
-        for i in range(num_tasks)
-    ]
+    norms, nonzero, inv, corr = norms_and_correlation_lists(gram)
     weights = [0.0] * num_tasks
     for i in range(num_tasks):
         # basis[k]: coefficient of g_i^vac / |g_i| on the unit vector g_k / |g_k|;

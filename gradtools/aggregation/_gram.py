@@ -15,6 +15,8 @@ in range:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -55,6 +57,33 @@ def _norms_and_correlation(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     eye = torch.eye(gram.shape[-1], dtype=torch.bool, device=gram.device)
     corr = torch.where(eye, nonzero.unsqueeze(-1).to(corr.dtype), corr)
     return norms, nonzero, corr
+
+
+def norms_and_correlation_lists(
+    gram: list[list[float]],
+) -> tuple[list[float], list[bool], list[float], list[list[float]]]:
+    """Plain-float twin of :func:`_norms_and_correlation` for one ``[T, T]`` block.
+
+    For the per-step loops of PCGrad and GradVac, where T is a handful and Python
+    floats (IEEE float64) beat dozens of tiny tensor operations. Returns
+    ``(norms, nonzero, inv, corr)`` with ``inv[i] = 1 / norms[i]`` (0 for a zero
+    gradient) and ``corr`` computed one factor at a time, so that no intermediate
+    leaves float64's range, then clipped to [-1, 1] (rounding may leave it).
+    """
+    num_tasks = len(gram)
+    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(num_tasks)]
+    nonzero = [n > _ZERO_NORM for n in norms]
+    inv = [1.0 / n if nz else 0.0 for n, nz in zip(norms, nonzero, strict=True)]
+    corr = [
+        [
+            (1.0 if nonzero[i] else 0.0)
+            if i == j
+            else min(1.0, max(-1.0, (gram[i][j] * inv[i]) * inv[j]))
+            for j in range(num_tasks)
+        ]
+        for i in range(num_tasks)
+    ]
+    return norms, nonzero, inv, corr
 
 
 def norms_and_correlation_np(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -28,14 +28,13 @@ onto them, and their own coefficient row is the identity.
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from gradtools.aggregation._base import Aggregation, Aggregator, checked_gram, register
-from gradtools.aggregation._gram import _ZERO_NORM, _check_gram
+from gradtools.aggregation._gram import _check_gram, norms_and_correlation_lists
 
 __all__ = [
     "PCGrad",
@@ -146,20 +145,8 @@ def _pcgrad_block(
 ) -> tuple[list[list[float]], list[list[bool]]]:
     """PCGrad on one Gram matrix, in the normalised basis (see the module docstring)."""
     num_tasks = len(gram)
-    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(num_tasks)]
-    nonzero = [n > _ZERO_NORM for n in norms]
-    inv = [1.0 / n if nz else 0.0 for n, nz in zip(norms, nonzero, strict=True)]
-    # corr[i][j]: cosine of g_i and g_j, one factor at a time so that no
-    # intermediate leaves float64's range; rounding may leave [-1, 1] slightly.
-    corr = [
-        [
-            (1.0 if nonzero[i] else 0.0)
-            if i == j
-            else min(1.0, max(-1.0, (gram[i][j] * inv[i]) * inv[j]))
-            for j in range(num_tasks)
-        ]
-        for i in range(num_tasks)
-    ]
+    # corr[i][j]: cosine of g_i and g_j.
+    norms, nonzero, inv, corr = norms_and_correlation_lists(gram)
     coefficients = []
     projected = []
     for i in range(num_tasks):
