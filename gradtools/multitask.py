@@ -351,7 +351,8 @@ class MultiTask(Optimizer):
                     "step(closure) with a closure that calls opt.zero_grad() and "
                     "opt.backward(losses) and returns the loss"
                 )
-            self._finish_gradients()
+            # The caller, Optimizer's step-hook wrapper, step(), this call, the check.
+            self._finish_gradients(warn_stacklevel=5)
             return self.optimizer.step()
         if not callable(closure):
             raise TypeError(f"closure must be callable or None, got {type(closure).__name__}")
@@ -364,11 +365,11 @@ class MultiTask(Optimizer):
 
         return self.optimizer.step(evaluate)
 
-    def _finish_gradients(self) -> None:
+    def _finish_gradients(self, warn_stacklevel: int = 3) -> None:
         """Make ``.grad`` final before the inner optimizer reads it, and free the per-task sums."""
         state = self._step_state
         if state is None:
-            self._check_plain_backward()
+            self._check_plain_backward(warn_stacklevel)
             return
         if state.pending_combine:
             self._combine(state)
@@ -383,7 +384,7 @@ class MultiTask(Optimizer):
         # freeing them first keeps the inner step's peak memory that of a plain step.
         self._step_state = None
 
-    def _check_plain_backward(self) -> None:
+    def _check_plain_backward(self, stacklevel: int) -> None:
         if self.plain_backward == "ignore":
             return
         if not any(p.grad is not None for p in self._params()):
@@ -399,7 +400,7 @@ class MultiTask(Optimizer):
             raise RuntimeError(message)
         if not self._warned_plain_backward:
             self._warned_plain_backward = True
-            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
     # ------------------------------------------------------------------ backward
 
