@@ -7,14 +7,22 @@ Nothing here knows about autograd, parameters or devices. See
 :class:`Aggregator` for the interface and :func:`from_name` for the registry.
 """
 
+from gradtools.aggregation._aligned_mtl import AlignedMTL
+from gradtools.aggregation._bargaining import FairGrad, NashMTL
 from gradtools.aggregation._base import (
     Aggregation,
     Aggregator,
+    BlockAggregator,
     available,
     checked_gram,
     from_name,
     register,
 )
+from gradtools.aggregation._cagrad import CAGrad
+from gradtools.aggregation._constant import Mean, Sum
+from gradtools.aggregation._equal_angle import IMTLG, ConFIG
+from gradtools.aggregation._gradvac import GradVac
+from gradtools.aggregation._mgda import MGDA
 from gradtools.aggregation._pcgrad import (
     PCGrad,
     PCGradResult,
@@ -24,14 +32,30 @@ from gradtools.aggregation._pcgrad import (
     pcgrad_weights,
     validate_orders,
 )
+from gradtools.aggregation._random import Random
 from gradtools.aggregation._similarity import cosine_similarity, magnitude_similarity
+from gradtools.aggregation._upgrad import DualProj, UPGrad
 
 __all__ = [
+    "IMTLG",
+    "MGDA",
     "Aggregation",
     "Aggregator",
+    "AlignedMTL",
+    "BlockAggregator",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
+    "FairGrad",
+    "GradVac",
+    "Mean",
+    "NashMTL",
     "PCGrad",
     "PCGradResult",
+    "Random",
     "Reduction",
+    "Sum",
+    "UPGrad",
     "available",
     "checked_gram",
     "cosine_similarity",

@@ -17,12 +17,21 @@ from __future__ import annotations
 import abc
 from typing import Any, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from gradtools.aggregation._gram import _check_gram
+from gradtools.aggregation._gram import _ZERO_NORM, _check_gram
 
-__all__ = ["Aggregation", "Aggregator", "available", "from_name", "register"]
+__all__ = [
+    "Aggregation",
+    "Aggregator",
+    "BlockAggregator",
+    "available",
+    "checked_gram",
+    "from_name",
+    "register",
+]
 
 
 class Aggregation(NamedTuple):
@@ -101,6 +110,39 @@ def checked_gram(gram: Tensor) -> Tensor:
         raise ValueError(f"gram must have shape [B, T, T], got {list(gram.shape)}")
     _check_gram(gram)
     return gram.detach().to(device="cpu", dtype=torch.float64)
+
+
+class BlockAggregator(Aggregator):
+    """An aggregator that handles each Gram block on its own, on a rescaled copy.
+
+    Subclasses implement :meth:`block_weights` on ``gram / max(diag(gram))``, a
+    matrix of order one whatever the gradients' scale (1e-30 or 1e30 alike), so
+    their solvers can use absolute tolerances. This is exact for every method
+    here whose weights do not change when all gradients are scaled by one
+    factor; the others undo the rescaling themselves (FairGrad). A block whose
+    gradients are all zero gets :meth:`zero_weights`.
+    """
+
+    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+        gram = checked_gram(gram)
+        num_blocks, num_tasks, _ = gram.shape
+        blocks = gram.numpy()
+        weights = np.empty((num_blocks, num_tasks))
+        for b in range(num_blocks):
+            scale = float(blocks[b].diagonal().max())
+            if scale <= _ZERO_NORM**2:
+                weights[b] = self.zero_weights(num_tasks)
+            else:
+                weights[b] = self.block_weights(blocks[b] / scale, scale, b)
+        return Aggregation(torch.from_numpy(weights))
+
+    @abc.abstractmethod
+    def block_weights(self, gram: np.ndarray, scale: float, block: int) -> np.ndarray:
+        """Weights ``[T]`` for one block; ``gram`` is divided by ``scale`` (its largest diagonal)."""
+
+    def zero_weights(self, num_tasks: int) -> np.ndarray:
+        """Weights of a block whose gradients are all zero (any weights give a zero update)."""
+        return np.full(num_tasks, self.head_weight(num_tasks))
 
 
 _REGISTRY: dict[str, type[Aggregator]] = {}

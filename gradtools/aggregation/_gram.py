@@ -15,6 +15,7 @@ in range:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,3 +55,19 @@ def _norms_and_correlation(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     eye = torch.eye(gram.shape[-1], dtype=torch.bool, device=gram.device)
     corr = torch.where(eye, nonzero.unsqueeze(-1).to(corr.dtype), corr)
     return norms, nonzero, corr
+
+
+def norms_and_correlation_np(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy twin of :func:`_norms_and_correlation` for one ``[T, T]`` block.
+
+    Returns ``(norms, nonzero, corr)`` with ``corr`` zero on the rows and
+    columns of zero gradients (and on their diagonal).
+    """
+    diag = gram.diagonal()
+    norms = np.sqrt(np.where(diag > 0.0, diag, 0.0))
+    nonzero = norms > _ZERO_NORM
+    inv = np.where(nonzero, 1.0 / np.where(nonzero, norms, 1.0), 0.0)
+    corr = ((gram * inv[:, None]) * inv[None, :]).clip(-1.0, 1.0)
+    index = np.arange(len(gram))
+    corr[index, index] = np.where(nonzero, 1.0, 0.0)
+    return np.where(nonzero, norms, 0.0), nonzero, corr

@@ -49,6 +49,7 @@ __all__ = [
 
 Reduction = Literal["sum", "mean"]
 
+
 class PCGradResult(NamedTuple):
     """Outcome of PCGrad on a (batch of) Gram matrices.
 
@@ -227,7 +228,9 @@ class PCGrad(Aggregator):
 
     def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
         if draw is None:
-            raise ValueError("PCGrad.aggregate needs the visiting orders: pass draw=self.draw(T, generator)")
+            raise ValueError(
+                "PCGrad.aggregate needs the visiting orders: pass draw=self.draw(T, generator)"
+            )
         result = pcgrad(gram, draw)
         weights = result.coefficients.sum(-2)
         if self.reduction == "mean":
