@@ -97,9 +97,16 @@ def reference_grads(
     batches: list[tuple[Tensor, Tensor]],
     aggregator: agg.Aggregator,
     draw: Tensor | None,
-) -> tuple[list[Tensor | None], Tensor]:
-    """Each parameter's expected gradient and the shared weights, the slow way.
+    gram: Tensor | None = None,
+) -> tuple[list[Tensor | None], Tensor, Tensor]:
+    """Each parameter's expected gradient, the shared weights and the Gram matrix, the slow way.
 
+    The weights are ``aggregator``'s for ``gram`` ([1, T, T]; default: the Gram
+    matrix computed here from the flattened float64 gradients, which is also
+    returned). Iterative solvers (Nash-MTL, ...) amplify the last-bit
+    differences between two ways of summing the same Gram matrix up to their
+    tolerance, so the tests pass the Gram matrix the wrapper used (checked
+    separately against the one computed here) to compare weights exactly.
     ``aggregator`` is consumed (its state advances): pass a copy.
     """
     params = list(net.parameters())
@@ -113,7 +120,9 @@ def reference_grads(
     flats = torch.stack(
         [torch.cat([per_task[t][k].reshape(-1).double() for k in shared]) for t in range(num_tasks)]
     )
-    weights = aggregator.aggregate((flats @ flats.T).unsqueeze(0), draw).weights[0]
+    own_gram = flats @ flats.T
+    used = own_gram.unsqueeze(0) if gram is None else gram
+    weights = aggregator.aggregate(used, draw).weights[0]
     head = aggregator.head_weight(num_tasks)
     out: list[Tensor | None] = [None] * len(params)
     for k in range(len(params)):
@@ -122,7 +131,20 @@ def reference_grads(
             out[k] = sum(w * g[k] for w, g in zip(weights.tolist(), per_task, strict=True))  # type: ignore[misc]
         elif grads:
             out[k] = head * sum(grads)  # type: ignore[assignment]
-    return out, weights
+    return out, weights, own_gram
+
+
+def spy_on_gram(aggregator: agg.Aggregator) -> list[Tensor]:
+    """Record every Gram batch the wrapper hands to ``aggregator.aggregate``."""
+    seen: list[Tensor] = []
+    original = aggregator.aggregate
+
+    def aggregate(gram: Tensor, draw: Tensor | None) -> agg.Aggregation:
+        seen.append(gram.clone())
+        return original(gram, draw)
+
+    aggregator.aggregate = aggregate  # type: ignore[method-assign]
+    return seen
 
 
 def assert_grads(net: MultiTaskNet, expected: list[Tensor | None], **tol: float) -> None:
@@ -144,12 +166,15 @@ def test_shared_get_weighted_sum_heads_their_own_gradient(name: str, buckets: bo
     batches = make_batches()
     opt = wrap(net, name, gradient_buckets=buckets)
     before = copy.deepcopy(opt.aggregator)
+    seen = spy_on_gram(opt.aggregator)
     opt.backward(task_losses(net, batches))
     stats = opt.stats
     assert stats is not None and stats.aggregator == opt.aggregator.name
-    expected, weights = reference_grads(net, batches, before, stats.draw)
+    (gram,) = seen
+    expected, weights, own_gram = reference_grads(net, batches, before, stats.draw, gram)
+    torch.testing.assert_close(gram[0], own_gram, rtol=1e-12, atol=1e-12)
+    assert torch.equal(stats.weights, weights)
     assert_grads(net, expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(stats.weights, weights, rtol=1e-10, atol=1e-12)
     assert net.unused.grad is None
     assert stats.num_shared == 4
     assert (stats.projected is not None) == isinstance(opt.aggregator, agg.PCGrad)
@@ -207,26 +232,40 @@ def test_untouched_parameter_keeps_none_and_does_not_move(name: str) -> None:
 # ---------------------------------------------------------------------- accumulation, state
 
 
+def fresh_copy(name: str, aggregator: agg.Aggregator) -> agg.Aggregator:
+    """A new aggregator of kind ``name`` holding ``aggregator``'s current state."""
+    twin = AGGREGATORS[name]()
+    state = copy.deepcopy(aggregator.state_dict())
+    if state:
+        twin.load_state_dict(state)
+    return twin
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_accumulation_equals_one_big_batch(name: str) -> None:
+    """Two half batches: the aggregation runs on the summed per-task gradients.
+
+    Checked against the big batch's per-task gradients: the Gram matrix the
+    wrapper hands over (to 1e-12), the weights (exactly the aggregator's, from its
+    state before the step, for that Gram matrix: a state advanced twice would
+    show), and the gradients built from those weights.
+    """
     big = make_batches(n=8, seed=4)
     halves = [[(x[:4], y[:4]) for x, y in big], [(x[4:], y[4:]) for x, y in big]]
-    net_a, net_b = make_net(8), make_net(8)
-    opt_a, opt_b = wrap(net_a, name, seed=3), wrap(net_b, name, seed=3)
+    net = make_net(8)
+    opt = wrap(net, name, seed=3)
+    seen = spy_on_gram(opt.aggregator)
     for _ in range(3):
-        opt_a.zero_grad()
-        opt_a.backward(task_losses(net_a, big))
-        opt_b.zero_grad()
-        opt_b.backward(task_losses(net_b, halves[0]))
-        opt_b.backward(task_losses(net_b, halves[1]))
-        for pa, pb in zip(net_a.parameters(), net_b.parameters(), strict=True):
-            assert (pa.grad is None) == (pb.grad is None)
-            if pa.grad is not None:
-                torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-9, atol=1e-12)
-        opt_a.step()
-        opt_b.step()
-    # A stateful aggregator advanced once per step, not once per backward().
-    assert _same(opt_a.aggregator.state_dict(), opt_b.aggregator.state_dict())
+        before = fresh_copy(name, opt.aggregator)
+        opt.zero_grad()
+        opt.backward(task_losses(net, halves[0]))
+        opt.backward(task_losses(net, halves[1]))
+        assert opt.stats is not None
+        expected, weights, own_gram = reference_grads(net, big, before, opt.stats.draw, seen[-1])
+        torch.testing.assert_close(seen[-1][0], own_gram, rtol=1e-12, atol=1e-12)
+        assert torch.equal(opt.stats.weights, weights)
+        assert_grads(net, expected, rtol=1e-10, atol=1e-12)
+        opt.step()
 
 
 def test_stateful_aggregator_advances_once_per_step() -> None:
@@ -381,6 +420,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, names: list
             net = make_net(21)
             # Each rank seeds its own generator: draws must come from rank 0.
             opt = wrap(net, name, seed=100 + rank, process_group=dist.group.WORLD)
+            seen = spy_on_gram(opt.aggregator)
             steps = []
             for step in range(2):
                 big = make_batches(n=8, seed=5 + step)
@@ -392,6 +432,8 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, names: list
                 steps.append({
                     "grads": {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None},
                     "draw": opt.stats.draw,
+                    "weights": opt.stats.weights,
+                    "gram": seen[-1],
                     "state_before": before,
                     "params_before": {n: p.detach().clone() for n, p in net.named_parameters()},
                 })  # fmt: skip
@@ -428,9 +470,12 @@ def test_data_parallel_aggregates_global_task_gradients(tmp_path) -> None:  # ty
             big = make_batches(n=8, seed=5 + step)
             # The mean over ranks of (sum over 4 rows / 8) is the sum over 8 rows / 16.
             global_batches = [(x, y) for x, y in big]
-            expected, _ = reference_grads(
-                _Scaled(net, 1 / 16), global_batches, aggregator, got[0]["draw"]
+            expected, weights, own_gram = reference_grads(
+                _Scaled(net, 1 / 16), global_batches, aggregator, got[0]["draw"], got[0]["gram"]
             )
+            assert torch.equal(got[0]["gram"], got[1]["gram"]), f"{name}: Gram differs across ranks"
+            torch.testing.assert_close(got[0]["gram"][0], own_gram, rtol=1e-12, atol=1e-14)
+            assert torch.equal(got[0]["weights"], weights), f"{name} step {step}: weights"
             for (pname, _), want in zip(net.named_parameters(), expected, strict=True):
                 if want is None:
                     assert pname not in got[0]["grads"]
