@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GraphReach", "analyse_graphs"]
+__all__ = ["GraphReach", "analyse_graphs", "nonzero_gradients"]
 
 
 @dataclass
@@ -90,3 +90,23 @@ _ACCUMULATE_GRAD = _accumulate_grad_type()
 # Backward nodes of torch.autograd.Function subclasses, torch.compile's
 # CompiledFunctionBackward among them.
 _CUSTOM_FUNCTION_NODE = torch.autograd.function.BackwardCFunction
+
+
+def nonzero_gradients(fresh: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """The (param, grad) pairs whose gradient is not exactly zero everywhere.
+
+    For an opaque graph, an all-zero gradient is what its backward writes into
+    a leaf the loss does not depend on, so such a leaf does not count as reached.
+    One host sync per device.
+    """
+    if not fresh:
+        return fresh
+    by_device: dict[torch.device, list[int]] = {}
+    for k, (_, g) in enumerate(fresh):
+        by_device.setdefault(g.device, []).append(k)
+    keep = [True] * len(fresh)
+    for indices in by_device.values():
+        counts = torch.stack([torch.count_nonzero(fresh[k][1]) for k in indices]).tolist()
+        for k, count in zip(indices, counts, strict=True):
+            keep[k] = count > 0
+    return [pair for pair, kept in zip(fresh, keep, strict=True) if kept]

@@ -44,7 +44,13 @@ from gradtools._collectives import (
     broadcast_from_first_rank,
     reached_on_any_rank,
 )
-from gradtools._graph_reach import analyse_graphs
+from gradtools._graph_reach import analyse_graphs, nonzero_gradients
+from gradtools._multitask_checks import (
+    check_settings,
+    checked_aggregator,
+    checked_losses,
+    checked_shared_params,
+)
 from gradtools._task_gradients import (
     Bucket,
     GramItem,
@@ -153,46 +159,14 @@ class MultiTask(Optimizer):
         gradient_buckets: bool | None = None,
         plain_backward: PlainBackward = "warn",
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-            )
         if isinstance(optimizer, MultiTask):
             raise TypeError(
                 f"optimizer is already a {type(optimizer).__name__}; wrap the inner optimizer once"
             )
-        self.aggregator = _checked_aggregator(aggregator)
-        if granularity not in ("all", "group", "tensor"):
-            raise ValueError(f"granularity must be 'all', 'group' or 'tensor', got {granularity!r}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"generator must be a torch.Generator or None, got {type(generator).__name__}"
-            )
-        if generator is not None and generator.device.type != "cpu":
-            raise ValueError(
-                f"generator must be a CPU torch.Generator (draws are made on the host), "
-                f"got one on {generator.device}"
-            )
-        if process_group is not None and not (
-            dist.is_available() and isinstance(process_group, dist.ProcessGroup)
-        ):
-            raise TypeError(
-                "process_group must be a torch.distributed.ProcessGroup or None, "
-                f"got {type(process_group).__name__}"
-            )
-        if gradient_buckets is not None and not isinstance(gradient_buckets, bool):
-            raise TypeError(
-                f"gradient_buckets must be True, False or None, got {gradient_buckets!r}"
-            )
-        if gradient_buckets and granularity != "all":
-            raise ValueError(
-                f"gradient_buckets=True needs granularity='all' (got {granularity!r}): "
-                "per-group or per-tensor Gram matrices need per-tensor storage"
-            )
-        if plain_backward not in ("warn", "error", "ignore"):
-            raise ValueError(
-                f"plain_backward must be 'warn', 'error' or 'ignore', got {plain_backward!r}"
-            )
+        check_settings(
+            optimizer, granularity, generator, process_group, gradient_buckets, plain_backward
+        )
+        self.aggregator = checked_aggregator(aggregator)
         # Deliberately not Optimizer.__init__: it would build param_groups of its
         # own, while ours must be the inner optimizer's (see the properties below).
         # These are the attributes Optimizer's hook and profiling machinery uses.
@@ -214,7 +188,7 @@ class MultiTask(Optimizer):
             generator = torch.Generator()
             generator.manual_seed(int(torch.randint(0, 2**62, ()).item()))
         self.generator = generator
-        self._explicit_shared = _checked_shared_params(shared_params, self._params())
+        self._explicit_shared = checked_shared_params(shared_params, self._params())
         self._stats: MultiTaskStats | None = None
         # The statistics are built on first access, from small CPU tensors kept
         # here: most steps nobody reads them, and on a GPU every host-side
@@ -435,7 +409,7 @@ class MultiTask(Optimizer):
                 that differs from the previous ``backward()`` of this step. Nothing
                 has been backpropagated when these are raised.
         """
-        losses = _checked_losses(losses)
+        losses = checked_losses(losses)
         state = self._step_state
         if state is not None and len(losses) != state.num_tasks:
             raise ValueError(
@@ -576,7 +550,7 @@ class MultiTask(Optimizer):
             elif running is None:
                 fresh.append((p, g))
         if check_zeros:
-            fresh = _drop_all_zero(fresh)
+            fresh = nonzero_gradients(fresh)
         for p, g in fresh:
             grads[p] = g
 
@@ -764,98 +738,3 @@ def _combined_grads(
             summed = weighted_sum([[g] for g in grads], [head_weight] * len(grads), p.dtype)[0]
             out.append((p, summed, True))
     return out
-
-
-def _drop_all_zero(fresh: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-    """The (param, grad) pairs whose gradient is not exactly zero everywhere (one sync per device)."""
-    if not fresh:
-        return fresh
-    by_device: dict[torch.device, list[int]] = {}
-    for k, (_, g) in enumerate(fresh):
-        by_device.setdefault(g.device, []).append(k)
-    keep = [True] * len(fresh)
-    for indices in by_device.values():
-        counts = torch.stack([torch.count_nonzero(fresh[k][1]) for k in indices]).tolist()
-        for k, count in zip(indices, counts, strict=True):
-            keep[k] = count > 0
-    return [pair for pair, kept in zip(fresh, keep, strict=True) if kept]
-
-
-def _checked_aggregator(aggregator: object) -> agg.Aggregator:
-    if isinstance(aggregator, str):
-        try:
-            return agg.from_name(aggregator)
-        except ValueError as error:
-            raise ValueError(f"aggregator: {error}") from None
-    if isinstance(aggregator, type) and issubclass(aggregator, agg.Aggregator):
-        raise TypeError(
-            f"aggregator must be an instance, got the class {aggregator.__name__}; "
-            f"write {aggregator.__name__}()"
-        )
-    if not isinstance(aggregator, agg.Aggregator):
-        raise TypeError(
-            "aggregator must be a gradtools.aggregation.Aggregator or a registry name "
-            f"(one of {', '.join(agg.available())}), got {type(aggregator).__name__}"
-        )
-    return aggregator
-
-
-def _checked_shared_params(
-    shared_params: Iterable[Tensor] | None, params: list[Tensor]
-) -> set[int] | None:
-    if shared_params is None:
-        return None
-    if isinstance(shared_params, Tensor):
-        raise TypeError(
-            "shared_params must be an iterable of parameters, got a single Tensor; "
-            "wrap it in a list"
-        )
-    if not isinstance(shared_params, Iterable):
-        raise TypeError(
-            f"shared_params must be an iterable of parameters, got {type(shared_params).__name__}"
-        )
-    chosen = list(shared_params)
-    for k, p in enumerate(chosen):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"shared_params[{k}] must be a Tensor, got {type(p).__name__}")
-    ids = {id(p) for p in chosen}
-    if not ids <= {id(p) for p in params}:
-        raise ValueError("shared_params holds tensors that are not in the optimizer")
-    return ids
-
-
-def _checked_losses(losses: Sequence[Tensor]) -> list[Tensor]:
-    if isinstance(losses, Tensor):
-        raise TypeError(
-            "losses must be a sequence with one scalar loss per task, got a single tensor; "
-            "wrap it in a list"
-        )
-    losses = list(losses)
-    if not losses:
-        raise ValueError("losses is empty: pass one scalar loss per task")
-    device = None
-    for task, loss in enumerate(losses):
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"losses[{task}] must be a Tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise ValueError(
-                f"losses[{task}] must be a scalar, got shape {list(loss.shape)}; "
-                "reduce it (e.g. .mean()) first"
-            )
-        if not loss.is_floating_point():
-            raise TypeError(
-                f"losses[{task}] must be a real floating-point tensor, got {loss.dtype}"
-            )
-        if not loss.requires_grad:
-            raise ValueError(
-                f"losses[{task}] does not require grad: it was computed without autograd "
-                "(torch.no_grad(), detach()) or from no trainable parameter"
-            )
-        if device is None:
-            device = loss.device
-        elif loss.device != device:
-            raise ValueError(
-                f"losses[{task}] is on {loss.device} but losses[0] is on {device}; "
-                "put all task losses on one device"
-            )
-    return losses
