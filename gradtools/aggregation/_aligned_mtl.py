@@ -23,7 +23,7 @@ class AlignedMTL(BlockAggregator):
     transformation ``B = sqrt(sigma) V diag(lambda)^-1/2 V'`` makes the combined
     system's singular values equal to ``sqrt(sigma)``, and the weights are
     ``B @ (1/T)``. ``sigma`` is the smallest non-zero eigenvalue (``"min"``, the
-    paper), the median or the mean (``"rmse"``, the official code). Eigenvalues
+    paper), the median (the lower middle one for an even count) or the mean (``"rmse"``, the official code). Eigenvalues
     at or below ``T * eps * max`` count as zero (as torchjd).
 
     Guarantees: weighted; weights unchanged when all gradients are scaled by
@@ -52,7 +52,8 @@ class AlignedMTL(BlockAggregator):
         if self.scale_mode == "min":
             sigma = float(values.min())
         elif self.scale_mode == "median":
-            sigma = float(np.median(values))
+            # The lower middle value for an even count, as torch.median (and torchjd).
+            sigma = float(np.sort(values)[(len(values) - 1) // 2])
         else:
             sigma = float(values.mean())
         balance = (vectors * np.sqrt(sigma / values)) @ vectors.T

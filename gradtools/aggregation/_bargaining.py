@@ -10,21 +10,32 @@ import torch
 from torch import Tensor
 
 from gradtools.aggregation._base import Aggregation, BlockAggregator, register
-from gradtools.aggregation._gram import _ZERO_NORM
+from gradtools.aggregation._gram import norms_and_correlation_np
 from gradtools.aggregation._solvers import power_balance
 
 # numpy 2.4's bundled stubs hide numpy.linalg's functions from mypy 2.4.
 _linalg: Any = np.linalg
 
 
-def _balance_nonzero(gram: np.ndarray, alpha: float, start: np.ndarray | None) -> np.ndarray:
-    """:func:`power_balance` over the non-zero gradients; zero gradients get weight 0."""
-    nonzero = gram.diagonal() > _ZERO_NORM**2
+def _balance_on_units(gram: np.ndarray, alpha: float, start: np.ndarray | None) -> np.ndarray:
+    """Weights ``w`` with ``(G w)_i = w_i^(-1/alpha)``, solved on the correlation matrix.
+
+    With ``G = D R D`` and ``w = D^-1 b`` the equation reads
+    ``(R b)_i = |g_i|^(1/alpha - 1) b_i^(-1/alpha)``, so every task's equation is in
+    units of its own norm and the ridge of :func:`power_balance` means the
+    same for a 1e-30 gradient as for a 1e30 one. Zero gradients get weight 0.
+    """
+    norms, nonzero, corr = norms_and_correlation_np(gram)
     weights = np.zeros(len(gram))
     if nonzero.any():
-        sub = gram[np.ix_(nonzero, nonzero)]
-        warm = None if start is None or not (start[nonzero] > 0).all() else start[nonzero]
-        weights[nonzero] = power_balance(sub, alpha, warm)
+        n = norms[nonzero]
+        # Kept inside float64: only extreme alphas with 1e-100 norm ratios reach the clip.
+        coefficients = np.clip(n ** (1.0 / alpha - 1.0), 1e-300, 1e300)
+        warm = None if start is None or not (start[nonzero] > 0).all() else start[nonzero] * n
+        index = np.flatnonzero(nonzero)
+        sub = corr[index[:, None], index[None, :]]
+        on_units = power_balance(sub, alpha, coefficients, warm)
+        weights[nonzero] = on_units / n
     return weights
 
 
@@ -93,15 +104,14 @@ class NashMTL(BlockAggregator):
         return weights * factor.unsqueeze(-1)
 
     def block_weights(self, gram: np.ndarray, scale: float, block: int) -> np.ndarray:
+        # The balance only depends on the directions (see _balance_on_units);
+        # the official code's G / |G|_F multiplies the weights by sqrt(|G|_F).
+        root_frobenius = math.sqrt(float(_linalg.norm(gram)))
         start = None
-        if (
-            self._last is not None
-            and block < self._last.shape[0]
-            and self._last.shape[1] == len(gram)
-        ):
-            start = self._last[block].numpy()
-        frobenius = float(_linalg.norm(gram))
-        return _balance_nonzero(gram / frobenius, 1.0, start)
+        last = self._last
+        if last is not None and block < last.shape[0] and last.shape[1] == len(gram):
+            start = last[block].numpy() / root_frobenius
+        return _balance_on_units(gram, 1.0, start) * root_frobenius
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -133,9 +143,11 @@ class FairGrad(BlockAggregator):
     balance, on the raw G), alpha -> infinity max-min fairness; alpha = 0 (pure
     utility) gives weights 1/T as in torchjd. torchjd solves the equation with
     scipy's bounded least squares from 1/T; we solve it exactly (Newton on its
-    convex potential, relative residual <= 1e-10, ridge 1e-8 on the rescaled G)
-    on ``G / s`` (s = largest squared norm) and scale back by ``s^(-alpha/(alpha+1))``,
-    which is exact and keeps 1e-30..1e30 gradients finite.
+    convex potential, relative residual <= 1e-10) on ``G / s`` (s = largest
+    squared norm), scaled back by ``s^(-alpha/(alpha+1))``, which is exact. With
+    ``G = D R D``, ``w = D^-1 b``, the equation is solved on the correlation matrix
+    as ``(R b)_i = |g_i|^(1/alpha-1) b_i^(-1/alpha)`` with a ridge of 1e-8 on R, so
+    every task's equation holds relative to its own norm.
 
     Guarantees: weighted, non-conflicting for independent gradients (every
     ``<d, g_i> = w_i^(-1/alpha) > 0``). Not linear under scaling; the update
@@ -158,7 +170,7 @@ class FairGrad(BlockAggregator):
         if self.alpha == 0.0:
             return np.full(num_tasks, 1.0 / num_tasks)
         exponent = -self.alpha / (self.alpha + 1.0)
-        return _balance_nonzero(gram, self.alpha, None) * scale**exponent
+        return _balance_on_units(gram, self.alpha, None) * scale**exponent
 
     def zero_weights(self, num_tasks: int) -> np.ndarray:
         return np.full(num_tasks, 1.0 / num_tasks) if self.alpha == 0.0 else np.zeros(num_tasks)

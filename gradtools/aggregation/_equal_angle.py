@@ -48,7 +48,8 @@ class IMTLG(BlockAggregator):
 
     Degenerate inputs: zero gradients get weight 0; if the weights sum to
     (nearly) zero, relative to their magnitudes by 1e-12, all weights are 0
-    (torchjd: below an absolute 1e-12). T=1 gives weight 1.
+    (torchjd: below an absolute 1e-12, which also fires for any gradients with
+    norms above about 1e6, since the sum scales as 1/|g|). T=1 gives weight 1.
     """
 
     name = "imtlg"

@@ -113,37 +113,41 @@ def _gradvac_block(
     nonzero = [n > _ZERO_NORM for n in norms]
     inv = [1.0 / n if nz else 0.0 for n, nz in zip(norms, nonzero, strict=True)]
     corr = [
-        [min(1.0, max(-1.0, (gram[i][j] * inv[i]) * inv[j])) for j in range(num_tasks)]
+        [
+            (1.0 if nonzero[i] else 0.0)
+            if i == j
+            else min(1.0, max(-1.0, (gram[i][j] * inv[i]) * inv[j]))
+            for j in range(num_tasks)
+        ]
         for i in range(num_tasks)
     ]
     weights = [0.0] * num_tasks
     for i in range(num_tasks):
-        # basis[k]: coefficient of g_i^vac / |g_i| on the unit vector g_k / |g_k|.
+        # basis[k]: coefficient of g_i^vac / |g_i| on the unit vector g_k / |g_k|;
+        # along[k] = <g_i^vac, u_k> / |g_i| and squared = |g_i^vac|^2 / |g_i|^2, both
+        # kept up to date as basis changes so each pair costs O(T).
         basis = [0.0] * num_tasks
         basis[i] = 1.0
+        along = list(corr[i])
+        squared = 1.0
         for j in orders[i]:
             if not (nonzero[i] and nonzero[j]):
                 continue
-            dot = sum(basis[k] * corr[k][j] for k in range(num_tasks))
-            length = math.sqrt(
-                max(
-                    sum(
-                        basis[k] * corr[k][m] * basis[m]
-                        for k in range(num_tasks)
-                        for m in range(num_tasks)
-                    ),
-                    0.0,
-                )
-            )
-            phi = min(1.0, max(-1.0, dot / length)) if length > 0.0 else 0.0
+            length = math.sqrt(max(squared, 0.0))
+            phi = min(1.0, max(-1.0, along[j] / length)) if length > 0.0 else 0.0
             target = targets[i][j]
             room = 1.0 - target * target
             if phi < target and room > 1e-12:
-                basis[j] += (
+                step = (
                     length
                     * (target * math.sqrt(1.0 - phi * phi) - phi * math.sqrt(room))
                     / math.sqrt(room)
                 )
+                basis[j] += step
+                squared += 2.0 * step * along[j] + step * step
+                row = corr[j]
+                for k in range(num_tasks):
+                    along[k] += step * row[k]
             targets[i][j] = (1.0 - beta) * target + beta * phi
         for j in range(num_tasks):
             weights[j] += basis[j] if j == i else (basis[j] * norms[i]) * inv[j]

@@ -34,7 +34,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from gradtools.aggregation._base import Aggregation, Aggregator, register
+from gradtools.aggregation._base import Aggregation, Aggregator, checked_gram, register
 from gradtools.aggregation._gram import _ZERO_NORM, _check_gram
 
 __all__ = [
@@ -209,8 +209,10 @@ class PCGrad(Aggregator):
     Guarantees: the combination is weighted (a linear combination of the
     original gradients) and, for two tasks, non-conflicting; for three or more
     tasks the sum may still conflict with a task (the paper's guarantee is for
-    two). Weights do not change when all gradients are scaled by one positive
-    factor. Random: the visiting orders come from :meth:`draw`.
+    two). Linear under scaling for fixed orders (scaling g_i by c_i > 0 scales
+    g_i^PC by c_i, the conflict signs do not change); weights do not change
+    when all gradients are scaled by one factor. Random: the visiting orders
+    come from :meth:`draw`.
 
     Degenerate inputs: a zero gradient is never projected onto and keeps
     weight 1 (its contribution is zero anyway); T=1 gives weight 1.
@@ -227,6 +229,7 @@ class PCGrad(Aggregator):
         return draw_orders(num_tasks, generator)
 
     def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+        gram = checked_gram(gram)
         if draw is None:
             raise ValueError(
                 "PCGrad.aggregate needs the visiting orders: pass draw=self.draw(T, generator)"

@@ -13,7 +13,7 @@ relative ones.
   inactive coordinate (the KKT conditions to that tolerance). ``Q`` gets a
   ridge of ``QP_RIDGE`` so that every free-set system is non-singular even when
   the gradients are linearly dependent.
-- :func:`power_balance`: the positive ``x`` with ``(Qx)_i = x_i^(-1/a)`` (Nash-MTL
+- :func:`power_balance`: the positive ``x`` with ``(Qx)_i = k_i x_i^(-1/a)`` (Nash-MTL
   for a = 1, FairGrad in general), by damped Newton on a strictly convex
   potential, to a relative residual of ``BALANCE_TOL``.
 - :func:`psd_pinv`: pseudo-inverse of a symmetric PSD matrix by eigendecomposition.
@@ -118,31 +118,39 @@ def nonneg_qp(
     return _np.maximum(y, 0.0)
 
 
-def power_balance(q: np.ndarray, alpha: float, start: np.ndarray | None = None) -> np.ndarray:
-    """The ``x > 0`` with ``((Q + rI) x)_i = x_i^(-1/alpha)`` for every i, with r = ``BALANCE_RIDGE``.
+def power_balance(
+    q: np.ndarray,
+    alpha: float,
+    coefficients: np.ndarray | None = None,
+    start: np.ndarray | None = None,
+) -> np.ndarray:
+    """The ``x > 0`` with ``((Q + rI) x)_i = k_i x_i^(-1/alpha)`` for every i (r = ``BALANCE_RIDGE``).
 
-    It is the unique minimiser of the strictly convex potential
-    ``1/2 x'(Q + rI)x + sum_i h(x_i)`` with ``h' (x) = -x^(-1/alpha)``, found by
-    Newton's method with a backtracking line search that keeps x positive. Stops
-    when every ``|x_i^(1/alpha) ((Q + rI)x)_i - 1| <= BALANCE_TOL`` (or after 200
-    steps, returning the last positive iterate).
+    ``k`` (``coefficients``, default all ones) must be positive. The solution is
+    the unique minimiser of the strictly convex potential
+    ``1/2 x'(Q + rI)x + sum_i k_i h(x_i)`` with ``h'(x) = -x^(-1/alpha)``, found by
+    Newton's method with a backtracking line search that keeps x positive,
+    started from the solution for Q = I. Stops when every
+    ``|x_i^(1/alpha) ((Q + rI)x)_i / k_i - 1| <= BALANCE_TOL`` (or after 200 steps,
+    returning the last positive iterate).
     """
     n = q.shape[0]
     q = q + BALANCE_RIDGE * np.eye(n)
     p = 1.0 / alpha
-    x = np.ones(n) if start is None else start.copy()
+    k = np.ones(n) if coefficients is None else coefficients
+    x = k ** (alpha / (alpha + 1.0)) if start is None else start.copy()
 
     def potential(v: np.ndarray) -> float:
-        barrier = -np.log(v).sum() if alpha == 1.0 else (v ** (1.0 - p)).sum() / (p - 1.0)
-        return float(0.5 * v @ q @ v + barrier)
+        barrier = -np.log(v) if alpha == 1.0 else v ** (1.0 - p) / (p - 1.0)
+        return float(0.5 * v @ q @ v + k @ barrier)
 
     value = potential(x)
     for _ in range(200):
         qx = q @ x
-        if np.max(np.abs(x**p * qx - 1.0)) <= BALANCE_TOL:
+        if np.max(np.abs(x**p * qx / k - 1.0)) <= BALANCE_TOL:
             break
-        grad = qx - x ** (-p)
-        hess = q + np.diag(p * x ** (-p - 1.0))
+        grad = qx - k * x ** (-p)
+        hess = q + np.diag(k * p * x ** (-p - 1.0))
         step = -_linalg.solve(hess, grad)
         # Largest step keeping x positive (fraction to the boundary), then Armijo.
         shrinking = step < 0
