@@ -53,6 +53,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from gradtools.tensor_groups import group_by_device_dtype
+
 __all__ = ["AdamW", "AdamWHyper", "AdamWTensors", "adamw_step", "check_hyperparameters"]
 
 Implementation = Literal["for-loop", "foreach", "compiled"]
@@ -384,10 +386,8 @@ def _for_loop_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
 
 def _foreach_step(tensors: AdamWTensors, hyper: AdamWHyper) -> None:
     # foreach kernels need every list on one device and dtype.
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, p in enumerate(tensors.params):
-        groups.setdefault((p.device, p.dtype), []).append(i)
-    for indices in groups.values():
+    params_of = tensors.params
+    for indices in group_by_device_dtype(range(len(params_of)), lambda i: params_of[i]).values():
         group = tensors.subset(indices)
         params = _real_views(*group.params)
         grads = _real_views(*group.grads)
