@@ -14,10 +14,17 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bert_demo.config import TrainConfig
-from bert_demo.train import CHECKPOINT, FINAL, train
+from bert_demo.run_dir import CHECKPOINT, FINAL
+
+
+class TrainFunction(Protocol):
+    """:func:`bert_demo.train.train` (the CLI passes it in; tests pass a stand-in)."""
+
+    def __call__(self, config: TrainConfig, out_dir: Path, *, resume: bool,
+                 device: str | None, progress: bool) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ HEADERS = ("SST acc", "Quora acc", "STS r", "overall")
 # The paper's dev numbers (bert-base, official Quora split) per row, when known.
 # They could not be retrieved while this was written, so the column is left open
 # rather than filled with guesses; fill it in from the paper's table.
-PAPER: dict[str, dict[str, float]] = {}
+PAPER_DEV_SCORES: dict[str, dict[str, float]] = {}
 
 
 def row_config(base: TrainConfig, row: Row, seed: int) -> TrainConfig:
@@ -74,8 +81,10 @@ def run_ablation(
     rows: list[str] | None = None,
     device: str | None = None,
     progress: bool = True,
+    *,
+    train: TrainFunction,
 ) -> Path:
-    """Train every (row, seed) not finished yet, then write the table; returns its path."""
+    """Train every (row, seed) not finished yet with ``train``, then write the table."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     selected = select_rows(rows)
@@ -134,7 +143,8 @@ def markdown_table(summary: dict[str, Any], base: TrainConfig, seeds: int) -> st
     ]
     for name, entry in summary.items():
         ours = [_cell(entry[m]) for m in METRICS]
-        paper = [f"{PAPER[name][m]:.3f}" if name in PAPER and m in PAPER[name] else "—"
+        known = PAPER_DEV_SCORES.get(name, {})
+        paper = [f"{known[m]:.3f}" if m in known else "—"
                  for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(ours) + " | " + " | ".join(paper)
                      + f" | {entry['wall_s'] / 60:.1f} |")

@@ -14,76 +14,99 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bert_demo.config import MODES, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig, preset_config
-from bert_demo.multitask import TASKS
-
-# Flags of `train` (and `ablate`) that map one to one onto TrainConfig fields.
-_CONFIG_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--model", {"type": str, "help": "model folder or cached hub id (default: packaged MiniLM)"}),
-    ("--data", {"type": str, "help": "data folder (default: $BERT_DEMO_DATA, else ../shared/data)"}),
-    ("--seed", {"type": int}),
-    ("--epochs", {"type": int}),
-    ("--steps-per-epoch", {"type": int, "help": "default: the largest task's batches per pass"}),
-    ("--max-steps", {"type": int, "help": "stop after this many steps in all"}),
-    ("--max-train-examples", {"type": int, "help": "per task, a fixed random subset"}),
-    ("--max-eval-examples", {"type": int, "help": "per task, the first rows of each dev file"}),
-    ("--lr", {"type": float}),
-    ("--head-lr", {"type": float, "help": "learning rate of the heads (default: --lr)"}),
-    ("--weight-decay", {"type": float}),
-    ("--schedule", {"choices": SCHEDULES}),
-    ("--warmup", {"type": float, "help": "fraction of steps with linear warm-up"}),
-    ("--batch-sst", {"type": int}),
-    ("--batch-para", {"type": int}),
-    ("--batch-sts", {"type": int, "help": "before --sts-aug doubles it"}),
-    ("--max-length", {"type": int, "help": "tokens per sentence (or per pair when cross-encoded)"}),
-    ("--eval-batch-size", {"type": int}),
-    ("--length-buckets", {"type": int, "help": "batches per length-sorted window (1: off)"}),
-    ("--optimizer", {"choices": OPTIMIZERS, "help": "adamw is gradtools.AdamW"}),
-    ("--mode", {"choices": MODES, "help": "pretrain: frozen encoder, heads only"}),
-    ("--encoder-dropout", {"type": float}),
-    ("--head-dropout", {"type": float}),
-    ("--pooling", {"choices": ("mean", "cls")}),
-    ("--pair-encoding", {"choices": ("separate", "cross")}),
-    ("--para-head", {"choices": ("features", "cosine")}),
-    ("--sts-head", {"choices": ("features", "cosine")}),
-    ("--smart-lambda", {"type": float}),
-    ("--smart-epsilon", {"type": float}),
-    ("--smart-sigma", {"type": float}),
-    ("--smart-eta", {"type": float}),
-    ("--smart-steps", {"type": int}),
-    ("--bregman-mu", {"type": float}),
-    ("--log-every", {"type": int}),
-]
-_METHOD_FLAGS = (
-    ("--smart", "SMART adversarial regularization with the momentum Bregman teacher"),
-    ("--pcgrad", "PCGrad gradient surgery across the task losses"),
-    ("--sts-aug", "STS pair reversal, doubling the STS batch"),
+from bert_demo.config import (
+    PRESETS,
+    TrainConfig,
+    bounds_text,
+    check_value,
+    field_type,
+    preset_config,
 )
+from bert_demo.tasks import TASKS
+
+DEFAULT_PRESET = "quick"
+# The TrainConfig fields that are flags (all but the free-form notes).
+_CONFIG_FIELDS = [f for f in fields(TrainConfig) if f.metadata.get("flag", True)]
 
 
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
+def _flag(spec: Field[Any]) -> str:
+    return "--" + spec.name.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _help(spec: Field[Any]) -> str:
+    """The field's help text and its default under the default preset, then under the others."""
+
+    def value_in(preset: str) -> str:
+        value = PRESETS[preset].get(spec.name, spec.default)
+        return spec.metadata["unset"] if value is None else _shown(value)
+
+    default = f"default: {value_in(DEFAULT_PRESET)}"
+    others = [f"{name} preset: {value_in(name)}" for name in sorted(PRESETS)
+              if name != DEFAULT_PRESET and value_in(name) != value_in(DEFAULT_PRESET)]
+    return f"{spec.metadata['help']} ({'; '.join([default, *others])})".replace("%", "%%")
+
+
+def _number_parser(spec: Field[Any], kind: type) -> Callable[[str], Any]:
+    """argparse ``type=`` for a numeric field: its type, finite, within its bounds."""
+    bounds = bounds_text(spec)
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid {kind.__name__} value: {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        try:
+            check_value(spec, value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text!r}") from None
+        return value
+
+    return parse
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                        help="named settings that the other flags override (default: quick)")
-    for flag, kwargs in _CONFIG_FLAGS:
-        parser.add_argument(flag, default=None, **kwargs)
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
-                        help="tasks to train (default: all three)")
-    if methods:
-        for flag, text in _METHOD_FLAGS:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=text)
+    """One flag per TrainConfig field, typed, bounded and documented by the field's metadata."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                        help="named settings that the other flags override "
+                        f"(default: {DEFAULT_PRESET})")
+    for spec in _CONFIG_FIELDS:
+        kind, _ = field_type(spec)
+        choices = spec.metadata.get("choices")
+        kwargs: dict[str, Any] = {"default": None, "help": _help(spec), "dest": spec.name}
+        if kind is bool:
+            if spec.metadata.get("method") and not methods:
+                continue
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            kwargs.update(nargs="+", choices=choices)
+        elif choices is not None:
+            kwargs["choices"] = choices
+        elif kind in (int, float):
+            kwargs.update(type=_number_parser(spec, kind), metavar=kind.__name__.upper())
+        else:
+            kwargs.update(type=kind)
+        parser.add_argument(_flag(spec), **kwargs)
 
 
 def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
@@ -93,19 +116,41 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's choice)")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line."""
     overrides = {
-        _dest(flag): getattr(args, _dest(flag))
-        for flag, _ in _CONFIG_FLAGS
-        if getattr(args, _dest(flag), None) is not None
+        spec.name: getattr(args, spec.name)
+        for spec in _CONFIG_FIELDS
+        if getattr(args, spec.name, None) is not None
     }
-    for flag, _ in _METHOD_FLAGS:
-        value = getattr(args, _dest(flag), None)
-        if value is not None:
-            overrides[_dest(flag)] = value
-    if args.tasks is not None:
-        overrides["tasks"] = tuple(args.tasks)
-    return preset_config(args.preset, **overrides)
+    if "tasks" in overrides:
+        overrides["tasks"] = tuple(overrides["tasks"])
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return preset_config(args.preset, **config_overrides(args))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, eval_limit: bool = True) -> None:
+    """--run, --data (and --max-eval-examples) of the commands that read a trained run."""
+    parser.add_argument("--run", required=True, help="run folder (or its checkpoint.pt)")
+    parser.add_argument("--data", default=None,
+                        help="data folder (default: the one the run was trained on)")
+    if eval_limit:
+        parser.add_argument("--max-eval-examples", type=_positive_int, default=None,
+                            metavar="INT", help="per task, the first rows of each dev file "
+                            "(default: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,42 +164,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.add_argument("--out", default=None, help="run folder (default: runs/<preset>)")
     train.add_argument("--resume", action="store_true",
-                       help="continue the run in --out exactly where it stopped")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+                       help="continue the run in --out exactly where it stopped (default: off)")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (default: a progress bar)")
     _add_runtime_flags(train)
 
     evaluate = sub.add_parser("evaluate", help="dev metrics of a trained run")
-    evaluate.add_argument("--run", required=True, help="run folder (or its checkpoint.pt)")
-    evaluate.add_argument("--data", default=None)
-    evaluate.add_argument("--max-eval-examples", type=int, default=None)
+    _add_run_flags(evaluate)
     _add_runtime_flags(evaluate)
 
     predict = sub.add_parser("predict", help="predictions for labeled or unlabeled files, to CSV")
-    predict.add_argument("--run", required=True, help="run folder (or its checkpoint.pt)")
+    _add_run_flags(predict, eval_limit=False)
     predict.add_argument("--input", nargs="+", default=None,
                          help="files to predict (default: every dev and test-student file)")
-    predict.add_argument("--task", choices=TASKS, default=None,
+    predict.add_argument("--task", choices=tuple(TASKS), default=None,
                          help="task of --input (default: guessed from each file name)")
     predict.add_argument("--output", default=None,
                          help="CSV path for one --input, else a folder (default: RUN/predictions)")
-    predict.add_argument("--data", default=None)
     _add_runtime_flags(predict)
 
     analyze = sub.add_parser("analyze", help="SST confusion matrix and the largest dev errors")
-    analyze.add_argument("--run", required=True, help="run folder (or its checkpoint.pt)")
+    _add_run_flags(analyze)
     analyze.add_argument("--out", default=None, help="folder for the report (default: RUN/analysis)")
-    analyze.add_argument("--top", type=int, default=10, help="errors listed per task")
-    analyze.add_argument("--data", default=None)
-    analyze.add_argument("--max-eval-examples", type=int, default=None)
+    analyze.add_argument("--top", type=_positive_int, default=10, metavar="INT",
+                         help="errors listed per task (default: 10)")
     _add_runtime_flags(analyze)
 
     ablate = sub.add_parser("ablate", help="the paper's ten ablation rows over N seeds")
     _add_config_flags(ablate, methods=False)
-    ablate.add_argument("--seeds", type=int, default=1, help="seeds per row (0, 1, ... N-1)")
+    ablate.add_argument("--seeds", type=int, default=1,
+                        help="seeds per row: 0, 1, ... N-1 (default: 1)")
     ablate.add_argument("--rows", nargs="+", default=None,
                         help="only these rows (names as in the table; default: all ten)")
-    ablate.add_argument("--out", default="runs/ablation", help="folder of all runs and the table")
-    ablate.add_argument("--no-progress", action="store_true")
+    ablate.add_argument("--out", default="runs/ablation",
+                        help="folder of all runs and the table (default: runs/ablation)")
+    ablate.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (default: progress bars)")
     _add_runtime_flags(ablate)
     return parser
 
@@ -171,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fail(parser, f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     from bert_demo.optim import FeatureUnavailable
-    from bert_demo.train import RunDirError
+    from bert_demo.run_dir import RunDirError
 
     if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _fail(parser, f"only 'train' runs under torchrun; run '{args.command}' as one process")
@@ -186,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from bert_demo.distributed import from_env
-    from bert_demo.train import CONFIG, RunDirError, train
+    from bert_demo.run_dir import CONFIG, RunDirError, load_config
+    from bert_demo.train import train
 
     # Under torchrun: join the other processes (a no-op for a single process).
     ranks, device = from_env(args.device)
@@ -199,7 +245,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     raise RunDirError(
                         f"--resume: {out} holds no run to resume ({CONFIG} is missing)"
                     )
-                return TrainConfig.load(out / CONFIG)
+                return load_config(out / CONFIG)
 
             config = ranks.on_main(saved_config)  # rank 0's disk is the one that counts
             if ranks.is_main:
@@ -219,20 +265,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from bert_demo.data import find_data_dir
-    from bert_demo.datasets import DEV_FILES, load_split
+    from bert_demo.data import find_data_dir, load_split
     from bert_demo.evaluate import evaluate
-    from bert_demo.train import load_trained, resolve_device
+    from bert_demo.run_dir import atomic_write, load_trained, resolve_device
 
     device = resolve_device(args.device)
     model, tokenizer, config = load_trained(args.run, device)
     data_dir = find_data_dir(args.data if args.data is not None else config.data)
-    dev = load_split(data_dir, TASKS, DEV_FILES, args.max_eval_examples, random_subset=False)
+    dev = load_split(data_dir, tuple(model.heads), "dev", args.max_eval_examples,
+                     random_subset=False)
     metrics = evaluate(model, dev, tokenizer, config.max_length, config.eval_batch_size, device)
     print(json.dumps(metrics, indent=2))
     run = Path(args.run)
     if run.is_dir():
-        (run / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        with atomic_write(run / "eval.json") as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
 
 
@@ -255,10 +302,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from bert_demo.ablate import run_ablation
+    from bert_demo.train import train
 
     base = config_from_args(args)
     table = run_ablation(base, Path(args.out), args.seeds, rows=args.rows, device=args.device,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, train=train)
     print(table.read_text())
     return 0
 

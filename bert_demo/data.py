@@ -28,26 +28,33 @@ from __future__ import annotations
 import csv
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import torch
+
+from bert_demo.tasks import Task, get_task
+
 __all__ = [
-    "TASKS",
     "DataFormatError",
+    "Example",
     "PairExample",
     "SentenceExample",
     "find_data_dir",
+    "load_split",
     "read_pairs",
     "read_sentences",
     "read_task",
+    "read_task_file",
     "reverse_pairs",
+    "subset",
     "task_file",
 ]
 
-TaskName = Literal["sst", "cfimdb", "quora", "sts"]
 Split = Literal["train", "dev", "test-student"]
+SPLITS = ("train", "dev", "test-student")
 
 
 class DataFormatError(ValueError):
@@ -73,59 +80,12 @@ class PairExample:
     label: float | None
 
 
-@dataclass(frozen=True)
-class _TaskFormat:
-    file_prefix: str  # file name = f"{file_prefix}-{split}.csv"
-    text_columns: tuple[str, ...]
-    label_column: str
-    parse_label: Callable[[str], float]  # raises ValueError with a readable reason
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"label {text!r} is not a number") from None
-
-
-def _parse_class(low: int, high: int) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = _number(text)  # accepts "3" and "3.0"
-        if not value.is_integer() or not low <= value <= high:
-            raise ValueError(f"label {text!r} is not an integer class in {low}..{high}")
-        return int(value)
-
-    return parse
-
-
-def _parse_score(low: float, high: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = _number(text)
-        if not low <= value <= high:  # also rejects nan
-            raise ValueError(f"label {text!r} is outside [{low}, {high}]")
-        return value
-
-    return parse
-
-
-TASKS: dict[str, _TaskFormat] = {
-    "sst": _TaskFormat("ids-sst", ("sentence",), "sentiment", _parse_class(0, 4)),
-    "cfimdb": _TaskFormat("ids-cfimdb", ("sentence",), "sentiment", _parse_class(0, 1)),
-    # Quora labels are written 0.0 / 1.0; read_pairs returns them as floats (BCE targets).
-    "quora": _TaskFormat("quora", ("sentence1", "sentence2"), "is_duplicate", _parse_class(0, 1)),
-    "sts": _TaskFormat("sts", ("sentence1", "sentence2"), "similarity", _parse_score(0.0, 5.0)),
-}
-
-
-def _task_format(task: str) -> _TaskFormat:
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
-    return TASKS[task]
+Example = SentenceExample | PairExample
 
 
 def _read_rows(
     path: Path,
-    fmt: _TaskFormat,
+    fmt: Task,
     labeled: bool | None,
     missing_label: Literal["skip", "error"],
 ) -> list[tuple[str, list[str], float | None]]:
@@ -189,7 +149,7 @@ def _read_rows(
 
 def read_sentences(
     path: str | os.PathLike[str],
-    task: Literal["sst", "cfimdb"] = "sst",
+    task: str = "sst",
     *,
     labeled: bool | None = None,
     missing_label: Literal["skip", "error"] = "skip",
@@ -199,8 +159,8 @@ def read_sentences(
     ``labeled=None`` follows the header (test-student files have no label
     column); ``True`` demands a label column, ``False`` ignores it.
     """
-    fmt = _task_format(task)
-    if len(fmt.text_columns) != 1:
+    fmt = get_task(task)
+    if fmt.pairs:
         raise ValueError(f"task {task!r} holds sentence pairs; use read_pairs")
     return [
         SentenceExample(id_, texts[0], None if label is None else int(label))
@@ -210,14 +170,14 @@ def read_sentences(
 
 def read_pairs(
     path: str | os.PathLike[str],
-    task: Literal["quora", "sts"] = "sts",
+    task: str = "sts",
     *,
     labeled: bool | None = None,
     missing_label: Literal["skip", "error"] = "skip",
 ) -> list[PairExample]:
     """Read a Quora or STS file (see :func:`read_sentences` for ``labeled``)."""
-    fmt = _task_format(task)
-    if len(fmt.text_columns) != 2:
+    fmt = get_task(task)
+    if not fmt.pairs:
         raise ValueError(f"task {task!r} holds single sentences; use read_sentences")
     return [
         PairExample(id_, texts[0], texts[1], None if label is None else float(label))
@@ -229,16 +189,16 @@ def read_task(
     path: str | os.PathLike[str], task: str, **kwargs: bool | str | None
 ) -> list[SentenceExample] | list[PairExample]:
     """Read any task's file: :func:`read_sentences` or :func:`read_pairs` by task name."""
-    if len(_task_format(task).text_columns) == 1:
-        return read_sentences(path, task, **kwargs)  # type: ignore[arg-type]
-    return read_pairs(path, task, **kwargs)  # type: ignore[arg-type]
+    if get_task(task).pairs:
+        return read_pairs(path, task, **kwargs)  # type: ignore[arg-type]
+    return read_sentences(path, task, **kwargs)  # type: ignore[arg-type]
 
 
 def task_file(data_dir: str | os.PathLike[str], task: str, split: str) -> Path:
     """Path of a task's split, e.g. ``task_file(d, "sst", "dev")`` -> ``d/ids-sst-dev.csv``."""
-    if split not in ("train", "dev", "test-student"):
+    if split not in SPLITS:
         raise ValueError(f"split must be 'train', 'dev' or 'test-student', got {split!r}")
-    path = Path(data_dir) / f"{_task_format(task).file_prefix}-{split}.csv"
+    path = Path(data_dir) / get_task(task).file_name(split)
     if not path.is_file():
         raise FileNotFoundError(f"no {task} {split} file: {path} does not exist")
     return path
@@ -276,3 +236,35 @@ def reverse_pairs(examples: Sequence[PairExample]) -> list[PairExample]:
     """
     swapped = [replace(e, sentence1=e.sentence2, sentence2=e.sentence1) for e in examples]
     return [*examples, *swapped]
+
+
+def read_task_file(
+    task: str, path: str | os.PathLike[str], labeled: bool | None = None
+) -> list[Example]:
+    """Read a file of ``task``; ``labeled=None`` follows the file's header."""
+    get_task(task)  # an unknown task is named before a missing file
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{task} data file {path} does not exist")
+    return list(read_task(path, task, labeled=labeled))
+
+
+def subset(examples: list[Example], limit: int | None) -> list[Example]:
+    """A fixed random subset of ``limit`` rows (seed 0, file order kept), the same for every run."""
+    if limit is None or limit >= len(examples):
+        return examples
+    generator = torch.Generator().manual_seed(0)
+    keep = sorted(torch.randperm(len(examples), generator=generator)[:limit].tolist())
+    return [examples[i] for i in keep]
+
+
+def load_split(
+    data_dir: Path, tasks: Sequence[str], split: Split, limit: int | None,
+    random_subset: bool,
+) -> dict[str, list[Example]]:
+    """The labeled ``split`` of each task: a fixed random subset, or the first ``limit`` rows."""
+    loaded: dict[str, list[Example]] = {}
+    for task in tasks:
+        examples = read_task_file(task, Path(data_dir) / get_task(task).file_name(split), True)
+        loaded[task] = subset(examples, limit) if random_subset else examples[:limit]
+    return loaded

@@ -40,7 +40,6 @@ __all__ = [
     "BertOutput",
     "CheckpointError",
     "convert_hf_state_dict",
-    "count_parameters",
     "load_pretrained",
     "read_checkpoint_weights",
     "resolve_model_path",
@@ -98,13 +97,6 @@ class BertConfig:
             )
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike[str]) -> BertConfig:
-        """Read a HuggingFace config.json."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
-
 
 def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
@@ -472,8 +464,3 @@ def load_pretrained(
     # Cast to the model's float32 parameters (checkpoints may be stored in half precision).
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters (for logs)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from bert_demo.data import find_data_dir
-from bert_demo.datasets import DEV_FILES, TEST_FILES, guess_task, read_task_file
+from bert_demo.data import find_data_dir, read_task_file
 from bert_demo.evaluate import predict_task, write_predictions
-from bert_demo.multitask import TASKS
-from bert_demo.train import load_trained, resolve_device
+from bert_demo.run_dir import load_trained, resolve_device, run_folder
+from bert_demo.tasks import PAPER_TASKS, get_task, guess_task
 
 
-def default_inputs(data_dir: Path) -> list[tuple[str, Path]]:
-    """Every dev and test-student file of the three tasks that exists in ``data_dir``."""
+def default_inputs(data_dir: Path, tasks: Sequence[str] = PAPER_TASKS) -> list[tuple[str, Path]]:
+    """Every dev and test-student file of ``tasks`` that exists in ``data_dir``."""
     found = []
-    for task in TASKS:
-        for name in (DEV_FILES[task], TEST_FILES[task]):
-            if (data_dir / name).is_file():
-                found.append((task, data_dir / name))
+    for task in tasks:
+        for split in ("dev", "test-student"):
+            path = data_dir / get_task(task).file_name(split)
+            if path.is_file():
+                found.append((task, path))
     return found
 
 
@@ -39,12 +40,12 @@ def predict_files(
     model, tokenizer, config = load_trained(run, torch_device)
     if inputs is None:
         data_dir = find_data_dir(data if data is not None else config.data)
-        jobs = default_inputs(data_dir)
+        jobs = default_inputs(data_dir, tuple(model.heads))
         if not jobs:
             raise FileNotFoundError(f"no dev or test-student files in {data_dir}")
     else:
         jobs = [(task or guess_task(path), Path(path)) for path in inputs]
-    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+    run_dir = run_folder(run)
     single_file = output is not None and str(output).endswith(".csv")
     if single_file and len(jobs) != 1:
         raise ValueError(f"--output {output} names one CSV file but there are {len(jobs)} inputs")

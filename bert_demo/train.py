@@ -5,14 +5,7 @@ see :mod:`bert_demo.batching`), computes each task's loss (plus SMART's adversar
 and Bregman terms with ``smart``), and either sums the losses or hands them to
 PCGrad, which removes conflicting components before the optimizer step.
 
-A run lives in one folder::
-
-    config.json      the TrainConfig (``--resume`` reads it back)
-    checkpoint.pt    model, optimizer (PCGrad included), schedule, teacher, RNG, step
-    metrics.jsonl    one JSON line per logged window of steps and per dev evaluation
-    final.json       dev metrics and wall time once the run has finished
-
-Checkpoints are written atomically at every epoch end, when training finishes and
+A run lives in one folder (see :mod:`bert_demo.run_dir`). Checkpoints are written atomically at every epoch end, when training finishes and
 on Ctrl-C (the step in flight completes first; a second Ctrl-C aborts at once).
 
 Under torchrun every process runs this loop on its share of each batch; see
@@ -37,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from bert_demo import run_dir
 from bert_demo.batching import (
     Example,
     batch_indices,
@@ -45,35 +39,32 @@ from bert_demo.batching import (
     make_batch,
 )
 from bert_demo.config import TrainConfig
-from bert_demo.data import find_data_dir
-from bert_demo.datasets import DEV_FILES, TRAIN_FILES, load_split
+from bert_demo.data import find_data_dir, load_split
 from bert_demo.distributed import Ranks, rank_seed
 from bert_demo.evaluate import evaluate
-from bert_demo.model import BertConfig, BertModel, load_pretrained, resolve_model_path
-from bert_demo.multitask import TASKS, MultitaskBert, task_loss
+from bert_demo.model import load_pretrained, resolve_model_path
+from bert_demo.multitask import MultitaskBert
 from bert_demo.optim import make_optimizer, make_schedule, wrap_pcgrad
 from bert_demo.regularization import SmartTerms
+from bert_demo.run_dir import (
+    CHECKPOINT,
+    CONFIG,
+    FINAL,
+    METRICS,
+    RunDirError,
+    append_jsonl,
+    load_config,
+    new_model,
+    read_checkpoint,
+    resolve_device,
+    save_config,
+    save_torch,
+    write_json,
+)
+from bert_demo.tasks import get_task, model_tasks
 from bert_demo.tokenizer import WordPieceTokenizer
 
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-FINAL = "final.json"
-CHECKPOINT_FORMAT = 1
-
-
-class RunDirError(RuntimeError):
-    """The output folder does not fit what was asked (an existing run, nothing to resume)."""
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``None``: cuda when present, else cpu. A named cuda device must exist."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
+__all__ = ["Trainer", "build_model", "pcgrad_summary", "steps_per_epoch", "total_steps", "train"]
 
 
 def build_model(config: TrainConfig) -> MultitaskBert:
@@ -83,31 +74,7 @@ def build_model(config: TrainConfig) -> MultitaskBert:
         hidden_dropout_prob=config.encoder_dropout,
         attention_probs_dropout_prob=config.encoder_dropout,
     )
-    return MultitaskBert(encoder, config.head_settings())
-
-
-def load_trained(
-    run: str | os.PathLike[str], device: torch.device | str = "cpu"
-) -> tuple[MultitaskBert, WordPieceTokenizer, TrainConfig]:
-    """Model, tokenizer and config of a run folder (or a checkpoint.pt path)."""
-    path = Path(run)
-    checkpoint_path = path / CHECKPOINT if path.is_dir() else path
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint_path}")
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    _check_format(state, checkpoint_path)
-    config = TrainConfig.from_dict(json.loads(state["config"]))
-    encoder = BertModel(BertConfig(**json.loads(state["encoder_config"])))
-    model = MultitaskBert(encoder, config.head_settings())
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    tokenizer = WordPieceTokenizer.from_folder(resolve_model_path(config.model))
-    return model, tokenizer, config
-
-
-def _check_format(state: Any, path: Path) -> None:
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a bert_demo checkpoint (format {CHECKPOINT_FORMAT})")
+    return new_model(config, encoder)
 
 
 def steps_per_epoch(
@@ -151,17 +118,6 @@ class _Interrupt:
             signal.signal(signal.SIGINT, previous)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 class Trainer:
     """One training run in one folder. ``run()`` trains to the end (or to a Ctrl-C)."""
 
@@ -186,10 +142,11 @@ class Trainer:
         # Read the data before touching the run folder: a bad --data leaves nothing behind.
         data_dir = find_data_dir(config.data)
         self.train_sets = load_split(
-            data_dir, config.tasks, TRAIN_FILES, config.max_train_examples, random_subset=True
+            data_dir, config.tasks, "train", config.max_train_examples, random_subset=True
         )
         self.dev_sets = load_split(
-            data_dir, TASKS, DEV_FILES, config.max_eval_examples, random_subset=False
+            data_dir, model_tasks(config.tasks), "dev", config.max_eval_examples,
+            random_subset=False,
         )
         self.ranks.on_main(lambda: self._prepare_run_dir(resume))
 
@@ -227,7 +184,7 @@ class Trainer:
         if resume:
             if not checkpoint.is_file():
                 raise RunDirError(f"--resume: {checkpoint} does not exist; nothing to resume")
-            saved = TrainConfig.load(saved_config)
+            saved = load_config(saved_config)
             if saved != self.config:
                 changed = sorted(
                     k for k, v in saved.to_dict().items() if self.config.to_dict()[k] != v
@@ -244,7 +201,7 @@ class Trainer:
                 )
             for name in (METRICS, FINAL):
                 (self.out / name).unlink(missing_ok=True)
-            self.config.save(saved_config)
+            save_config(self.config, saved_config)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
@@ -264,7 +221,7 @@ class Trainer:
     def _checkpoint_state(self, rank_rng: list[dict[str, Any]]) -> dict[str, Any]:
         # PCGrad's own generator state travels in the optimizer's state dict.
         return {
-            "format": CHECKPOINT_FORMAT,
+            "format": run_dir.CHECKPOINT_FORMAT,
             # JSON strings: plain data that torch.load(weights_only=True) accepts.
             "config": json.dumps(self.config.to_dict()),
             "encoder_config": json.dumps(asdict(self.model.encoder.config)),
@@ -290,13 +247,12 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         rank_rng = self.ranks.all_gather(rng)
-        self.ranks.on_main(lambda: _atomic_torch_save(self._checkpoint_state(rank_rng), path))
+        self.ranks.on_main(lambda: save_torch(self._checkpoint_state(rank_rng), path))
         return path
 
     def _read_checkpoint(self) -> dict[str, Any]:
         path = self.out / CHECKPOINT
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        _check_format(state, path)
+        state = read_checkpoint(path)
         saved_world = state.get("world_size", 1)
         if saved_world != self.ranks.world_size:
             raise RunDirError(
@@ -349,7 +305,7 @@ class Trainer:
             assert batch.labels is not None  # training files are labeled
             embeds = model.embed(batch.input_ids, batch.token_type_ids)
             output = model.forward_from_embeddings(task, embeds, batch.attention_mask)
-            loss = task_loss(task, output, batch.labels)
+            loss = get_task(task).loss(output, batch.labels)
             stats[f"loss_{task}"] = loss.item()
             if self.smart is not None:
                 extra, smart_stats = self.smart.terms(task, batch, embeds, output)
@@ -387,7 +343,7 @@ class Trainer:
     def _log_eval(self) -> dict[str, float]:
         def evaluate_and_log() -> dict[str, float]:
             metrics = self.evaluate()
-            _append_jsonl(
+            append_jsonl(
                 self.out / METRICS,
                 {"event": "eval", "step": self.step, "epoch": self.step / self.per_epoch,
                  "elapsed_s": round(self.elapsed, 1), **metrics},
@@ -427,7 +383,7 @@ class Trainer:
                     bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in running.items()})
                     if self.step % config.log_every == 0 or self.step == self.total:
                         if main:
-                            _append_jsonl(self.out / METRICS, self._train_record(window))
+                            append_jsonl(self.out / METRICS, self._train_record(window))
                         window = {}
                     if self.step % self.per_epoch == 0 or self.step == self.total:
                         metrics = self._log_eval()
@@ -462,9 +418,7 @@ class Trainer:
             "config": config.to_dict(),
         }
         if main:
-            tmp = self.out / (FINAL + ".tmp")
-            tmp.write_text(json.dumps(final, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, self.out / FINAL)
+            write_json(self.out / FINAL, final)
         return final
 
     def _train_record(self, window: dict[str, list[float]]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 from demo_fixtures import write_tiny_data, write_tiny_model
 
 from bert_demo.cli import build_parser, config_from_args, main
-from bert_demo.config import PAPER, QUICK
+from bert_demo.config import PAPER_PRESET, QUICK_PRESET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,12 +42,12 @@ def fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["train", "--lr", "-1"], "lr and head_lr must be > 0"),
-        (["train", "--epochs", "0"], "epochs must be >= 1"),
+        (["train", "--lr", "-1"], "argument --lr: must be > 0, got '-1'"),
+        (["train", "--epochs", "0"], "argument --epochs: must be >= 1, got '0'"),
         (["train", "--tasks", "nli"], "invalid choice: 'nli'"),
         (["train", "--tasks", "sst", "--pcgrad"], "pcgrad needs at least two tasks"),
         (["train", "--tasks", "sst", "para", "--sts-aug"], "sts_aug needs the sts task"),
-        (["train", "--warmup", "1.5"], "warmup is a fraction"),
+        (["train", "--warmup", "1.5"], "argument --warmup: must be in [0, 1), got '1.5'"),
         (["train", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
         (["train", "--preset", "huge"], "invalid choice: 'huge'"),
         (["train", "--batch-sst", "two"], "invalid int value: 'two'"),
@@ -75,15 +75,15 @@ def test_bad_data_or_device_or_resume(tiny, tmp_path, capsys) -> None:
 def test_presets_and_flag_overrides() -> None:
     parser = build_parser()
     quick = config_from_args(parser.parse_args(["train"]))
-    assert (quick.lr, quick.batch_sst, quick.epochs) == (QUICK["lr"], QUICK["batch_sst"],
-                                                         QUICK["epochs"])
+    assert (quick.lr, quick.batch_sst, quick.epochs) == (QUICK_PRESET["lr"], QUICK_PRESET["batch_sst"],
+                                                         QUICK_PRESET["epochs"])
     paper = config_from_args(parser.parse_args(
         ["train", "--preset", "paper", "--smart", "--sts-aug", "--lr", "3e-5", "--tasks", "sst",
          "sts"]))
     assert (paper.batch_sst, paper.batch_para, paper.batch_sts) == (2, 20, 2)
     assert (paper.smart_lambda, paper.smart_epsilon, paper.smart_sigma, paper.bregman_mu,
             paper.smart_eta) == (5.0, 1e-4, 1e-4, 1.0, 1e-2)
-    assert paper.epochs == PAPER["epochs"] == 10
+    assert paper.epochs == PAPER_PRESET["epochs"] == 10
     assert paper.smart and paper.sts_aug and not paper.pcgrad
     assert paper.lr == 3e-5 and paper.tasks == ("sst", "sts")
     assert (paper.encoder_dropout, paper.head_dropout) == (0.1, 0.3)
@@ -121,7 +121,7 @@ def test_module_entry_point_reports_errors() -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
-    assert "lr and head_lr must be > 0" in result.stderr
+    assert "argument --lr: must be > 0" in result.stderr
 
 
 def test_ctrl_c_saves_a_checkpoint_after_the_current_step(tiny, tmp_path) -> None:

@@ -27,7 +27,8 @@ from rank_launcher import run_ranks
 import bert_demo.train as train_module
 from bert_demo.config import TrainConfig
 from bert_demo.distributed import Ranks
-from bert_demo.train import CHECKPOINT, FINAL, METRICS, RunDirError, Trainer
+from bert_demo.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError
+from bert_demo.train import Trainer
 
 WORLD = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -77,13 +78,13 @@ def _demo_worker(rank: int, world: int, root: str) -> None:
     model_dir, data_dir, out = Path(root) / "model", Path(root) / "data", Path(root) / "runs"
     ranks = Ranks(rank, world, rank, dist.group.WORLD)
     saves = []
-    original_save = train_module._atomic_torch_save
+    original_save = train_module.save_torch
 
     def counting_save(obj: Any, path: Path) -> None:
         saves.append(path.parent.name)
         original_save(obj, path)
 
-    train_module._atomic_torch_save = counting_save  # type: ignore[assignment]
+    train_module.save_torch = counting_save  # type: ignore[assignment]
     drawn: list[tuple[str, list[str]]] = []  # (task, row ids) of each training batch
     original_make_batch = train_module.make_batch
 
