@@ -30,13 +30,15 @@ class TrainFunction(Protocol):
 @dataclass(frozen=True)
 class Row:
     name: str
-    slug: str
+    slug: str  # its folder and its name for --rows
     overrides: dict[str, Any]
+    aliases: tuple[str, ...] = ()  # older slugs, still accepted by --rows
 
 
 ROWS: tuple[Row, ...] = (
     Row("single-task SST baseline", "single-sst", {"tasks": ("sst",)}),
-    Row("pretrained baseline (frozen encoder)", "pretrain", {"mode": "pretrain"}),
+    Row("pretrained baseline (frozen encoder)", "frozen", {"mode": "frozen"},
+        aliases=("pretrain",)),
     Row("finetune baseline", "finetune", {}),
     Row("SMART", "smart", {"smart": True}),
     Row("PCGrad", "pcgrad", {"pcgrad": True}),
@@ -67,7 +69,8 @@ def row_config(base: TrainConfig, row: Row, seed: int) -> TrainConfig:
 def select_rows(names: list[str] | None) -> tuple[Row, ...]:
     if names is None:
         return ROWS
-    known = {r.slug: r for r in ROWS} | {r.name: r for r in ROWS}
+    known = ({r.slug: r for r in ROWS} | {r.name: r for r in ROWS}
+             | {alias: r for r in ROWS for alias in r.aliases})
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"--rows: unknown row(s) {unknown}; rows are {[r.slug for r in ROWS]}")

@@ -2,11 +2,12 @@
 
 Writes, for a trained run, the dev confusion matrix of each class task (SST) as a
 PNG and a markdown report listing the largest dev errors of each task with their
-sentences, by the kind of task (see :mod:`bert_demo.tasks`):
+sentences, by the kind of task (see :mod:`bert_demo.tasks`). Only wrong predictions
+are listed:
 
-    classes  wrong predictions, most confident first (probability of the predicted class)
-    binary   pairs whose predicted probability is furthest from the label
-    score    pairs whose predicted score is furthest from the gold score
+    classes  wrong classes, most confident first (probability of the predicted class)
+    binary   wrong labels, the predicted probability furthest from the label first
+    score    scores furthest from the gold score (any difference is an error)
 """
 
 from __future__ import annotations
@@ -76,10 +77,11 @@ def largest_errors(result: TaskPredictions, top: int) -> list[tuple[int, float]]
             zip(result.predicted, result.gold, strict=True)) if p != g]
     elif kind == "binary":
         probability = torch.sigmoid(result.outputs).tolist()
-        errors = [(i, abs(probability[i] - g)) for i, g in enumerate(result.gold)]
+        errors = [(i, abs(probability[i] - g)) for i, (p, g) in enumerate(
+            zip(result.predicted, result.gold, strict=True)) if p != g]
     else:
         errors = [(i, abs(p - g)) for i, (p, g) in enumerate(
-            zip(result.predicted, result.gold, strict=True))]
+            zip(result.predicted, result.gold, strict=True)) if p != g]
     return sorted(errors, key=lambda item: -item[1])[:top]
 
 
@@ -101,12 +103,14 @@ def analyze(
     data: str | None = None,
     max_eval_examples: int | None = None,
     device: str | None = None,
+    weights: str = "best",
+    progress: bool = False,
 ) -> Path:
     """Write sst_confusion.png and errors.md for a run; returns the markdown path."""
     if top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
     torch_device = resolve_device(device)
-    model, tokenizer, config = load_trained(run, torch_device)
+    model, tokenizer, config = load_trained(run, torch_device, weights)
     run_dir = run_folder(run)
     folder = Path(out) if out is not None else run_dir / "analysis"
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,7 +122,7 @@ def analyze(
     for task in tasks:
         spec = get_task(task)
         result = predict_task(model, task, dev[task], tokenizer, config.max_length,
-                              config.eval_batch_size, torch_device)
+                              config.eval_batch_size, torch_device, progress)
         lines += [f"## {task} ({spec.metric_name} {result.metric():.4f})", ""]
         if spec.kind == "classes":
             assert result.gold is not None

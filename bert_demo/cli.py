@@ -6,6 +6,7 @@
     python -m bert_demo evaluate --run runs/quick
     python -m bert_demo predict --run runs/quick  # dev and test-student files -> CSV
     python -m bert_demo analyze --run runs/quick
+    python -m bert_demo export --run runs/quick --out exported/quick  # Hugging Face folder
     python -m bert_demo ablate --seeds 1 --preset quick --max-steps 200
     torchrun --nproc_per_node 2 -m bert_demo train --out runs/ddp   # one process per GPU
 """
@@ -24,7 +25,9 @@ from typing import Any
 
 import torch
 
+from bert_demo.ablate import ROWS
 from bert_demo.config import (
+    MODE_ALIASES,
     PRESETS,
     TrainConfig,
     bounds_text,
@@ -33,6 +36,7 @@ from bert_demo.config import (
     preset_config,
 )
 from bert_demo.tasks import TASKS
+from bert_demo.weights import WEIGHT_CHOICES
 
 DEFAULT_PRESET = "quick"
 # The TrainConfig fields that are flags (all but the free-form notes).
@@ -102,6 +106,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> 
             kwargs.update(nargs="+", choices=choices)
         elif choices is not None:
             kwargs["choices"] = choices
+            if spec.name == "mode":  # old names are accepted and mean the new ones
+                kwargs["type"] = lambda text: MODE_ALIASES.get(text, text)
         elif kind in (int, float):
             kwargs.update(type=_number_parser(spec, kind), metavar=kind.__name__.upper())
         else:
@@ -142,9 +148,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_run_flags(parser: argparse.ArgumentParser, eval_limit: bool = True) -> None:
-    """--run, --data (and --max-eval-examples) of the commands that read a trained run."""
-    parser.add_argument("--run", required=True, help="run folder (or its checkpoint.pt)")
+def _add_run_flags(
+    parser: argparse.ArgumentParser, eval_limit: bool = True, data: bool = True
+) -> None:
+    """--run, --weights, --no-progress, --data (and --max-eval-examples) of the commands
+    that read a trained run."""
+    parser.add_argument("--run", required=True,
+                        help="run folder (or one of its weight files or its checkpoint.pt)")
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="best",
+                        help="best: the weights of the best dev evaluation; last: those after "
+                        "the last step (default: best)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar, for logs (default: a progress bar on stderr)")
+    if not data:
+        return
     parser.add_argument("--data", default=None,
                         help="data folder (default: the one the run was trained on)")
     if eval_limit:
@@ -167,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --out exactly where it stopped (default: off)")
     train.add_argument("--no-progress", action="store_true",
                        help="no progress bar (default: a progress bar)")
+    train.add_argument("--keep-checkpoint", action="store_true",
+                       help="keep checkpoint.pt (optimizer state included) when the run "
+                       "finishes (default: off; model.safetensors and best.safetensors stay)")
+    train.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                       help="log metrics.jsonl's scalars to RUN/tensorboard (default: on when "
+                       "the tensorboard package is installed)")
     _add_runtime_flags(train)
 
     evaluate = sub.add_parser("evaluate", help="dev metrics of a trained run")
@@ -176,11 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="predictions for labeled or unlabeled files, to CSV")
     _add_run_flags(predict, eval_limit=False)
     predict.add_argument("--input", nargs="+", default=None,
-                         help="files to predict (default: every dev and test-student file)")
+                         help="files to predict, in the CS224N tab-separated format (as "
+                         "ids-sst-test-student.csv, quora-dev.csv; labels optional) (default: "
+                         "every dev and test-student file)")
     predict.add_argument("--task", choices=tuple(TASKS), default=None,
                          help="task of --input (default: guessed from each file name)")
     predict.add_argument("--output", default=None,
-                         help="CSV path for one --input, else a folder (default: RUN/predictions)")
+                         help="CSV path for one --input, else a folder; each row holds the id, "
+                         "the predicted label and the probabilities (or unclipped score) "
+                         "(default: RUN/predictions)")
     _add_runtime_flags(predict)
 
     analyze = sub.add_parser("analyze", help="SST confusion matrix and the largest dev errors")
@@ -194,13 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(ablate, methods=False)
     ablate.add_argument("--seeds", type=int, default=1,
                         help="seeds per row: 0, 1, ... N-1 (default: 1)")
-    ablate.add_argument("--rows", nargs="+", default=None,
-                        help="only these rows (names as in the table; default: all ten)")
+    ablate.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                        help="only these rows: " + ", ".join(r.slug for r in ROWS)
+                        + " (or their names as in the table; default: all ten)")
     ablate.add_argument("--out", default="runs/ablation",
                         help="folder of all runs and the table (default: runs/ablation)")
     ablate.add_argument("--no-progress", action="store_true",
                         help="no progress bars (default: progress bars)")
     _add_runtime_flags(ablate)
+
+    export = sub.add_parser("export", help="the fine-tuned encoder as a Hugging Face folder, "
+                            "plus the task heads")
+    _add_run_flags(export, eval_limit=False, data=False)
+    export.add_argument("--out", required=True,
+                        help="new folder to write (must not exist, or be empty)")
     return parser
 
 
@@ -253,7 +287,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         else:
             config = config_from_args(args)
         final = train(config, out, resume=args.resume, device=device,
-                      progress=not args.no_progress, ranks=ranks)
+                      progress=not args.no_progress, ranks=ranks,
+                      keep_checkpoint=args.keep_checkpoint, tensorboard=args.tensorboard)
         if ranks.is_main:
             print(json.dumps({"out": str(out), "wall_s": final["wall_s"], **final["dev"]},
                              indent=2))
@@ -267,26 +302,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from bert_demo.data import find_data_dir, load_split
     from bert_demo.evaluate import evaluate
-    from bert_demo.run_dir import atomic_write, load_trained, resolve_device
+    from bert_demo.run_dir import load_run, resolve_device, write_json
+    from bert_demo.tasks import get_task
 
     device = resolve_device(args.device)
-    model, tokenizer, config = load_trained(args.run, device)
+    trained = load_run(args.run, device, args.weights)
+    model, config = trained.model, trained.config
     data_dir = find_data_dir(args.data if args.data is not None else config.data)
-    dev = load_split(data_dir, tuple(model.heads), "dev", args.max_eval_examples,
-                     random_subset=False)
-    metrics = evaluate(model, dev, tokenizer, config.max_length, config.eval_batch_size, device)
+    tasks = tuple(model.heads)
+    dev = load_split(data_dir, tasks, "dev", args.max_eval_examples, random_subset=False)
+    metrics = evaluate(model, dev, trained.tokenizer, config.max_length, config.eval_batch_size,
+                       device, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
     run = Path(args.run)
     if run.is_dir():
-        with atomic_write(run / "eval.json") as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        # The metrics, and what they were measured on: which weights, which rows.
+        write_json(run / "eval.json", {
+            **metrics,
+            "step": trained.step,
+            "weights": trained.weights_file.name,
+            "examples": {t: len(dev[t]) for t in tasks},
+            "data_files": {t: str(data_dir / get_task(t).file_name("dev")) for t in tasks},
+        })
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from bert_demo.predict import predict_files
 
-    written = predict_files(args.run, args.input, args.task, args.output, args.data, args.device)
+    written = predict_files(args.run, args.input, args.task, args.output, args.data, args.device,
+                            args.weights, progress=not args.no_progress)
     for path, rows in written:
         print(f"{path}: {rows} rows")
     return 0
@@ -295,7 +340,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from bert_demo.analyze import analyze
 
-    report = analyze(args.run, args.out, args.top, args.data, args.max_eval_examples, args.device)
+    report = analyze(args.run, args.out, args.top, args.data, args.max_eval_examples, args.device,
+                     args.weights, progress=not args.no_progress)
     print(f"wrote {report}")
     return 0
 
@@ -311,12 +357,21 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from bert_demo.export import export_run
+
+    out = export_run(args.run, args.out, args.weights)
+    print(f"wrote {out}")
+    return 0
+
+
 _COMMANDS = {
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
     "predict": _cmd_predict,
     "analyze": _cmd_analyze,
     "ablate": _cmd_ablate,
+    "export": _cmd_export,
 }
 
 

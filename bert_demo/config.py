@@ -17,7 +17,9 @@ from bert_demo.multitask import HeadSettings
 from bert_demo.tasks import PAPER_TASKS, TASKS, get_task
 
 OPTIMIZERS = ("adamw", "torch-adamw", "lamb", "radam")
-MODES = ("finetune", "pretrain")
+MODES = ("finetune", "frozen")
+# Older names still accepted (runs saved before the rename say "pretrain").
+MODE_ALIASES = {"pretrain": "frozen"}
 SCHEDULES = ("constant", "linear")
 POOLINGS = ("mean", "cls")
 PAIR_ENCODINGS = ("separate", "cross")
@@ -54,8 +56,8 @@ class TrainConfig:
                                 unset="the packaged MiniLM-L6-H384")
     data: str | None = setting(None, "data folder", unset="$BERT_DEMO_DATA, else ../shared/data")
     tasks: tuple[str, ...] = setting(PAPER_TASKS, "tasks to train", choices=tuple(TASKS))
-    mode: str = setting("finetune", "finetune: everything trains; pretrain: frozen encoder, "
-                        "heads only", choices=MODES)
+    mode: str = setting("finetune", "finetune: everything trains; frozen: frozen encoder, "
+                        "heads only ('pretrain' is accepted as an old name)", choices=MODES)
     # the paper's three methods
     smart: bool = setting(False, "SMART adversarial regularization with the momentum Bregman "
                           "teacher", method=True)
@@ -113,6 +115,8 @@ class TrainConfig:
         "ge": None, "gt": None, "lt": None})
 
     def __post_init__(self) -> None:
+        if self.mode in MODE_ALIASES:
+            object.__setattr__(self, "mode", MODE_ALIASES[self.mode])
         for spec in fields(self):
             check_value(spec, getattr(self, spec.name))
         for task in self.tasks:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from bert_demo.batching import Example, eval_batches
 from bert_demo.metrics import accuracy, overall_score, pearson
@@ -63,8 +64,12 @@ def predict_task(
     max_length: int,
     batch_size: int,
     device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> TaskPredictions:
-    """Run the model over examples of one task (eval mode, no gradient)."""
+    """Run the model over examples of one task (eval mode, no gradient).
+
+    ``progress``: a progress bar on stderr, counting examples.
+    """
     if not examples:
         raise ValueError(f"no {task} examples to predict")
     was_training = model.training
@@ -72,6 +77,8 @@ def predict_task(
     order = _by_length(examples)
     ordered = [examples[i] for i in order]
     chunks: list[Tensor] = []
+    bar = tqdm(total=len(examples), desc=task, unit="ex", disable=not progress, leave=False,
+               dynamic_ncols=True)
     try:
         for batch in eval_batches(
             task, ordered, tokenizer, max_length, batch_size, model.separate_pairs
@@ -82,7 +89,9 @@ def predict_task(
                 .float()
                 .cpu()
             )
+            bar.update(min(batch_size, len(examples) - bar.n))
     finally:
+        bar.close()
         model.train(was_training)
     sorted_outputs = torch.cat(chunks)
     outputs = torch.empty_like(sorted_outputs)
@@ -100,11 +109,13 @@ def evaluate(
     max_length: int,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    progress: bool = False,
 ) -> dict[str, float]:
     """Dev metrics for every task in ``dev_sets``, plus ``overall`` when the paper's three are."""
     metrics: dict[str, float] = {}
     for task, examples in dev_sets.items():
-        result = predict_task(model, task, examples, tokenizer, max_length, batch_size, device)
+        result = predict_task(model, task, examples, tokenizer, max_length, batch_size, device,
+                              progress)
         metrics[get_task(task).metric_name] = result.metric()
     score = overall(metrics)
     if score is not None:
@@ -113,13 +124,19 @@ def evaluate(
 
 
 def write_predictions(path: str | os.PathLike[str], result: TaskPredictions) -> Path:
-    """Write ``id,<prediction>`` rows (one per input row, input order) atomically."""
+    """Write ``id,<prediction>,<outputs>`` rows (one per input row, input order) atomically.
+
+    The outputs are the task's probabilities or unclipped score
+    (:meth:`bert_demo.tasks.Task.output_columns`).
+    """
     task = get_task(result.task)
+    values = task.output_values(result.outputs).tolist()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", task.prediction_column])
-        for example_id, value in zip(result.ids, result.predicted, strict=True):
-            writer.writerow([example_id, task.format_prediction(value)])
+        writer.writerow(["id", task.prediction_column, *task.output_columns()])
+        for example_id, value, row in zip(result.ids, result.predicted, values, strict=True):
+            writer.writerow([example_id, task.format_prediction(value),
+                             *(f"{v:.6g}" for v in row)])
     return path

@@ -43,6 +43,7 @@ __all__ = [
     "load_pretrained",
     "read_checkpoint_weights",
     "resolve_model_path",
+    "to_hf_state_dict",
 ]
 
 
@@ -338,6 +339,21 @@ def convert_hf_state_dict(hf_state: Mapping[str, Tensor], num_layers: int) -> di
         # q, k and v are stacked along the output dimension into one projection.
         converted[ours] = state[hf] if isinstance(hf, str) else torch.cat([state[p] for p in hf])
     return converted
+
+
+def to_hf_state_dict(state: Mapping[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """The inverse of :func:`convert_hf_state_dict`: our names -> HuggingFace ``BertModel`` names.
+
+    The fused q/k/v projection is split back into its three equal parts.
+    """
+    hf_state: dict[str, Tensor] = {}
+    for ours, hf in _hf_names(num_layers).items():
+        if isinstance(hf, str):
+            hf_state[hf] = state[ours]
+        else:
+            for name, part in zip(hf, state[ours].chunk(len(hf)), strict=True):
+                hf_state[name] = part
+    return {k: v.detach().cpu().contiguous() for k, v in hf_state.items()}
 
 
 def read_checkpoint_weights(folder: str | os.PathLike[str]) -> dict[str, Tensor]:

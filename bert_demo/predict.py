@@ -1,4 +1,9 @@
-"""`predict`: a trained run's predictions for dev or test-student files, as CSV with ids."""
+"""`predict`: a trained run's predictions for dev or test-student files, as CSV with ids.
+
+Inputs are the CS224N tab-separated files (labeled or not, test-student's extra
+index column included); each output row holds the id, the predicted label and the
+task's probabilities or unclipped score.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ def predict_files(
     output: str | os.PathLike[str] | None = None,
     data: str | None = None,
     device: str | None = None,
+    weights: str = "best",
+    progress: bool = False,
 ) -> list[tuple[Path, int]]:
     """Write one ``<input stem>-predictions.csv`` per input; returns (path, rows) of each.
 
@@ -37,7 +44,7 @@ def predict_files(
     ``output`` is a folder (default: RUN/predictions).
     """
     torch_device = resolve_device(device)
-    model, tokenizer, config = load_trained(run, torch_device)
+    model, tokenizer, config = load_trained(run, torch_device, weights)
     if inputs is None:
         data_dir = find_data_dir(data if data is not None else config.data)
         jobs = default_inputs(data_dir, tuple(model.heads))
@@ -55,7 +62,7 @@ def predict_files(
         examples = read_task_file(job_task, path)
         result = predict_task(
             model, job_task, examples, tokenizer, config.max_length, config.eval_batch_size,
-            torch_device,
+            torch_device, progress,
         )
         target = Path(str(output)) if single_file else folder / f"{path.stem}-predictions.csv"
         written.append((write_predictions(target, result), len(result.ids)))

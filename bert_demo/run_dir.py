@@ -1,9 +1,13 @@
 """A run folder: its layout, writing its files safely, and loading a trained model back.
 
     config.json      the TrainConfig (``--resume`` reads it back)
-    checkpoint.pt    model, optimizer (PCGrad included), schedule, teacher, RNG, step
+    checkpoint.pt    model, optimizer (PCGrad included), schedule, teacher, RNG, step;
+                     deleted when the run finishes (unless --keep-checkpoint)
+    best.safetensors the weights of the best dev evaluation (see bert_demo.weights)
+    model.safetensors the weights after the last step, written when the run finishes
+    encoder/         the model's tokenizer files and config.json (see bert_demo.model_files)
     metrics.jsonl    one JSON line per logged window of steps and per dev evaluation
-    final.json       dev metrics and wall time once the run has finished
+    final.json       dev metrics, the best evaluation and wall time once the run has finished
 
 Every file but metrics.jsonl is written whole or not at all (:func:`atomic_write`),
 so an interrupted write never leaves half a checkpoint behind.
@@ -15,6 +19,7 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,19 +117,70 @@ def new_model(config: TrainConfig, encoder: BertModel) -> MultitaskBert:
     return MultitaskBert(encoder, config.head_settings(), model_tasks(config.tasks))
 
 
-def load_trained(
-    run: str | os.PathLike[str], device: torch.device | str = "cpu"
-) -> tuple[MultitaskBert, WordPieceTokenizer, TrainConfig]:
-    """Model, tokenizer and config of a run folder (or a checkpoint.pt path)."""
+@dataclass
+class TrainedRun:
+    """A trained model read back from a run, and where its weights come from."""
+
+    model: MultitaskBert
+    tokenizer: WordPieceTokenizer
+    config: TrainConfig
+    weights_file: Path
+    step: int
+
+
+def _weights_file(path: Path, weights: str) -> Path:
+    """The file to read: ``path`` itself, or in a run folder the best/last weights."""
+    if path.is_file():
+        return path
+    from bert_demo.weights import BEST_WEIGHTS, LAST_WEIGHTS, WEIGHT_CHOICES
+
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"--weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    # The last weights are model.safetensors once the run finished, else its checkpoint;
+    # a run without best weights (none evaluated yet, or older runs) falls back to them.
+    names = (LAST_WEIGHTS, CHECKPOINT) if weights == "last" else (
+        BEST_WEIGHTS, LAST_WEIGHTS, CHECKPOINT)
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"no checkpoint at {path}: none of {', '.join(names)} is there")
+
+
+def load_run(
+    run: str | os.PathLike[str], device: torch.device | str = "cpu", weights: str = "best"
+) -> TrainedRun:
+    """Model, tokenizer and config of a run folder (or of one of its weight files).
+
+    ``weights``: ``best`` (the best dev evaluation) or ``last`` (the last step).
+    The tokenizer comes from the run's own ``encoder/`` copy when it has one, so the
+    run works without the model it was trained from.
+    """
+    from bert_demo.model_files import encoder_files
+    from bert_demo.weights import read_weights
+
     path = Path(run)
-    checkpoint_path = path / CHECKPOINT if path.is_dir() else path
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint_path}")
-    state = read_checkpoint(checkpoint_path)
-    config = TrainConfig.from_dict(json.loads(state["config"]))
-    encoder = BertModel(BertConfig(**json.loads(state["encoder_config"])))
-    model = new_model(config, encoder)
-    model.load_state_dict(state["model"])
+    weights_file = _weights_file(path, weights)
+    if weights_file.suffix == ".safetensors":
+        state, info = read_weights(weights_file)
+        config = TrainConfig.from_dict(info.config)
+        encoder_config, step = info.encoder_config, info.step
+    else:
+        checkpoint = read_checkpoint(weights_file)
+        config = TrainConfig.from_dict(json.loads(checkpoint["config"]))
+        encoder_config, step = json.loads(checkpoint["encoder_config"]), int(checkpoint["step"])
+        state = checkpoint["model"]
+    model = new_model(config, BertModel(BertConfig(**encoder_config)))
+    model.load_state_dict(state)
     model.to(device).eval()
-    tokenizer = WordPieceTokenizer.from_folder(resolve_model_path(config.model))
-    return model, tokenizer, config
+    own_files = encoder_files(weights_file.parent)
+    tokenizer = WordPieceTokenizer.from_folder(
+        own_files if own_files is not None else resolve_model_path(config.model))
+    return TrainedRun(model, tokenizer, config, weights_file, step)
+
+
+def load_trained(
+    run: str | os.PathLike[str], device: torch.device | str = "cpu", weights: str = "best"
+) -> tuple[MultitaskBert, WordPieceTokenizer, TrainConfig]:
+    """Model, tokenizer and config of a run folder (or a weights file); see :func:`load_run`."""
+    trained = load_run(run, device, weights)
+    return trained.model, trained.tokenizer, trained.config

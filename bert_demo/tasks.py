@@ -143,6 +143,22 @@ class Task:
             return pearson(predicted, gold)
         return accuracy(predicted, gold)
 
+    def output_columns(self) -> tuple[str, ...]:
+        """Prediction-file columns beside the label: class probabilities, P(1), raw score."""
+        if self.kind == "classes":
+            return tuple(f"prob_{i}" for i in range(self.num_outputs))
+        if self.kind == "binary":
+            return (f"prob_{self.label_column}",)
+        return (f"raw_{self.label_column}",)
+
+    def output_values(self, output: Tensor) -> Tensor:
+        """[N, len(output_columns())] from the model outputs of N examples."""
+        if self.kind == "classes":
+            return output.softmax(-1)
+        if self.kind == "binary":
+            return torch.sigmoid(output)[:, None]
+        return output[:, None]  # before clipping to the score range
+
     def format_prediction(self, value: float) -> str:
         return f"{value:.4f}" if self.kind == "score" else str(int(value))
 

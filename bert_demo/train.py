@@ -7,6 +7,9 @@ PCGrad, which removes conflicting components before the optimizer step.
 
 A run lives in one folder (see :mod:`bert_demo.run_dir`). Checkpoints are written atomically at every epoch end, when training finishes and
 on Ctrl-C (the step in flight completes first; a second Ctrl-C aborts at once).
+Every evaluation that beats the best dev overall score so far saves the weights
+(best.safetensors); a finished run keeps model-only weights (model.safetensors) and
+deletes its optimizer checkpoint unless asked to keep it.
 
 Under torchrun every process runs this loop on its share of each batch; see
 :mod:`bert_demo.distributed` for what is averaged and what only rank 0 does.
@@ -43,6 +46,7 @@ from bert_demo.data import find_data_dir, load_split
 from bert_demo.distributed import Ranks, rank_seed
 from bert_demo.evaluate import evaluate
 from bert_demo.model import load_pretrained, resolve_model_path
+from bert_demo.model_files import copy_model_files, encoder_files
 from bert_demo.multitask import MultitaskBert
 from bert_demo.optim import make_optimizer, make_schedule, wrap_pcgrad
 from bert_demo.regularization import SmartTerms
@@ -62,7 +66,9 @@ from bert_demo.run_dir import (
     write_json,
 )
 from bert_demo.tasks import get_task, model_tasks
+from bert_demo.tensorboard_log import TensorBoardLog, TensorBoardUnavailable, tensorboard_installed
 from bert_demo.tokenizer import WordPieceTokenizer
+from bert_demo.weights import BEST_WEIGHTS, LAST_WEIGHTS, BestWeights, WeightsInfo, save_weights
 
 __all__ = ["Trainer", "build_model", "pcgrad_summary", "steps_per_epoch", "total_steps", "train"]
 
@@ -131,8 +137,15 @@ class Trainer:
         progress: bool = True,
         on_step: Callable[[int], None] | None = None,
         ranks: Ranks | None = None,
+        keep_checkpoint: bool = False,
+        tensorboard: bool | None = None,
     ) -> None:
         self.config = config
+        self.keep_checkpoint = keep_checkpoint
+        if tensorboard and not tensorboard_installed():
+            raise TensorBoardUnavailable(
+                "--tensorboard: the tensorboard package is not installed; "
+                "pip install 'gradtools[tensorboard]' (or drop --tensorboard)")
         # This process among the torchrun processes (a single process by default).
         self.ranks = ranks if ranks is not None else Ranks()
         self.out = Path(out_dir)
@@ -149,6 +162,9 @@ class Trainer:
             random_subset=False,
         )
         self.ranks.on_main(lambda: self._prepare_run_dir(resume))
+        main = self.ranks.is_main
+        self.best = BestWeights(self.out) if main else None
+        self.tensorboard = TensorBoardLog(self.out, tensorboard if main else False)
 
         torch.manual_seed(config.seed)
         self.lengths = {t: [example_length(e) for e in ex] for t, ex in self.train_sets.items()}
@@ -158,7 +174,7 @@ class Trainer:
         self.per_epoch = steps_per_epoch(config, self.train_sets, self.ranks.world_size)
         self.total = total_steps(config, self.per_epoch)
 
-        if config.mode == "pretrain":
+        if config.mode == "frozen":
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
         self.pcgrad_generator = torch.Generator().manual_seed(config.seed)
@@ -194,14 +210,18 @@ class Trainer:
                     "a resumed run keeps its settings"
                 )
         else:
-            if checkpoint.exists():
-                raise RunDirError(
-                    f"{self.out} already holds a run ({CHECKPOINT}); pass --resume to continue "
-                    "it or choose another --out"
-                )
-            for name in (METRICS, FINAL):
+            for name in (CHECKPOINT, LAST_WEIGHTS):
+                if (self.out / name).exists():
+                    raise RunDirError(
+                        f"{self.out} already holds a run ({name}); pass --resume to continue "
+                        "it or choose another --out"
+                    )
+            for name in (METRICS, FINAL, BEST_WEIGHTS):
                 (self.out / name).unlink(missing_ok=True)
             save_config(self.config, saved_config)
+        if encoder_files(self.out) is None:
+            # The tokenizer files travel with the run (see bert_demo.model_files).
+            copy_model_files(resolve_model_path(self.config.model), self.out, self.config.model)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
@@ -338,16 +358,18 @@ class Trainer:
             self.config.max_length,
             self.config.eval_batch_size,
             self.device,
+            progress=self.progress and self.ranks.is_main,
         )
 
     def _log_eval(self) -> dict[str, float]:
         def evaluate_and_log() -> dict[str, float]:
             metrics = self.evaluate()
-            append_jsonl(
-                self.out / METRICS,
-                {"event": "eval", "step": self.step, "epoch": self.step / self.per_epoch,
-                 "elapsed_s": round(self.elapsed, 1), **metrics},
-            )
+            record = {"event": "eval", "step": self.step, "epoch": self.step / self.per_epoch,
+                      "elapsed_s": round(self.elapsed, 1), **metrics}
+            append_jsonl(self.out / METRICS, record)
+            self.tensorboard.log(record)
+            assert self.best is not None  # rank 0 keeps the best weights
+            self.best.consider(self.model, self._weights_info(metrics))
             return metrics
 
         # Rank 0 evaluates (the replicas are equal) and tells the others.
@@ -383,7 +405,9 @@ class Trainer:
                     bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in running.items()})
                     if self.step % config.log_every == 0 or self.step == self.total:
                         if main:
-                            append_jsonl(self.out / METRICS, self._train_record(window))
+                            record = self._train_record(window)
+                            append_jsonl(self.out / METRICS, record)
+                            self.tensorboard.log(record)
                         window = {}
                     if self.step % self.per_epoch == 0 or self.step == self.total:
                         metrics = self._log_eval()
@@ -399,6 +423,7 @@ class Trainer:
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 bar.close()
+                self.tensorboard.close()
                 if in_step:
                     # Aborted inside a step: the model may be half updated, so keep the
                     # last checkpoint as it is.
@@ -417,8 +442,23 @@ class Trainer:
             "dev": self.last_metrics,
             "config": config.to_dict(),
         }
-        if main:
-            write_json(self.out / FINAL, final)
+        return self.ranks.on_main(lambda: self._finish(final))
+
+    def _weights_info(self, metrics: dict[str, float]) -> WeightsInfo:
+        return WeightsInfo(self.config.to_dict(), asdict(self.model.encoder.config), self.step,
+                           self.step / self.per_epoch, metrics)
+
+    def _finish(self, final: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0: model-only weights, final.json, then the checkpoint goes (unless kept)."""
+        save_weights(self.model, self.out / LAST_WEIGHTS, self._weights_info(self.last_metrics))
+        assert self.best is not None
+        final["best"] = self.best.summary()
+        final["weights"] = {"last": LAST_WEIGHTS, "best": BEST_WEIGHTS if final["best"] else None,
+                            "checkpoint": CHECKPOINT if self.keep_checkpoint else None}
+        write_json(self.out / FINAL, final)
+        if not self.keep_checkpoint:
+            (self.out / CHECKPOINT).unlink(missing_ok=True)
+        self.tensorboard.close()
         return final
 
     def _train_record(self, window: dict[str, list[float]]) -> dict[str, Any]:
@@ -460,10 +500,26 @@ def train(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     ranks: Ranks | None = None,
+    keep_checkpoint: bool = False,
+    tensorboard: bool | None = None,
 ) -> dict[str, Any]:
-    """Train ``config`` into ``out_dir``; see :class:`Trainer`."""
+    """Train ``config`` into ``out_dir``; see :class:`Trainer`.
+
+    Resuming a run that finished (and so has no checkpoint left) returns its final.json.
+    """
+    if resume:
+        finished = (ranks or Ranks()).on_main(lambda: _finished_run(Path(out_dir)))
+        if finished is not None:
+            return finished
     trainer = Trainer(
         config, out_dir, resume=resume, device=device, progress=progress, on_step=on_step,
-        ranks=ranks,
+        ranks=ranks, keep_checkpoint=keep_checkpoint, tensorboard=tensorboard,
     )
     return trainer.run()
+
+
+def _finished_run(out: Path) -> dict[str, Any] | None:
+    if (out / CHECKPOINT).exists() or not (out / FINAL).is_file():
+        return None
+    final: dict[str, Any] = json.loads((out / FINAL).read_text())
+    return final

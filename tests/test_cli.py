@@ -98,9 +98,20 @@ def test_train_evaluate_predict_analyze_resume(tiny, tmp_path, capsys) -> None:
     assert final["step"] == 2 and final["config"]["pcgrad"]
     assert printed["out"] == str(run) and printed["overall"] == final["dev"]["overall"]
 
+    # A finished run keeps model-only weights; its optimizer checkpoint is gone.
+    assert (run / "model.safetensors").is_file() and not (run / "checkpoint.pt").exists()
+    capsys.readouterr()
     assert main(["evaluate", "--run", str(run)]) == 0
+    assert "sst:" in capsys.readouterr().err  # a progress bar by default
     metrics = json.loads((run / "eval.json").read_text())
-    assert metrics == pytest.approx(final["dev"])
+    assert {k: metrics[k] for k in final["dev"]} == pytest.approx(final["dev"])
+    # eval.json also says what was measured: which weights at which step, on which rows.
+    assert (metrics["step"], metrics["weights"]) == (2, "best.safetensors")
+    assert metrics["examples"] == {"sst": 6, "para": 5, "sts": 5}
+    assert metrics["data_files"]["para"] == str(tiny[1] / "quora-dev.csv")
+    assert main(["evaluate", "--run", str(run), "--weights", "last", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    assert json.loads((run / "eval.json").read_text())["weights"] == "model.safetensors"
 
     assert main(["predict", "--run", str(run)]) == 0
     assert len(list((run / "predictions").glob("*.csv"))) == 5

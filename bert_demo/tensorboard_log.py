@@ -1,0 +1,66 @@
+"""Optional TensorBoard logging: the same scalars as metrics.jsonl, under RUN/tensorboard.
+
+``enabled=None`` (the default) logs when the ``tensorboard`` package is installed
+and stays silent otherwise; ``enabled=True`` (``--tensorboard``) makes a missing
+package an error, ``enabled=False`` turns it off.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+TENSORBOARD_DIR = "tensorboard"
+# Record fields that place a record rather than measure something.
+_NOT_SCALARS = ("event", "step")
+
+
+class TensorBoardUnavailable(ValueError):
+    """--tensorboard was asked for and the tensorboard package is not installed."""
+
+
+def tensorboard_installed() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TensorBoardLog:
+    """Writes each metrics.jsonl record as scalars ``<event>/<name>`` at its step."""
+
+    def __init__(self, run: Path, enabled: bool | None = None) -> None:
+        self.writer: Any = None
+        if enabled is False:
+            return
+        if not tensorboard_installed():
+            if enabled:
+                raise TensorBoardUnavailable(
+                    "--tensorboard: the tensorboard package is not installed; "
+                    "pip install 'gradtools[tensorboard]' (or drop --tensorboard)")
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run / TENSORBOARD_DIR))
+
+    @property
+    def active(self) -> bool:
+        return self.writer is not None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        event, step = record.get("event", "train"), int(record["step"])
+        for name, value in record.items():
+            if name in _NOT_SCALARS or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{event}/{name}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
