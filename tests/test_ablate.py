@@ -10,7 +10,7 @@ from demo_fixtures import write_tiny_data, write_tiny_model
 
 from bert_demo.ablate import ROWS, markdown_table, row_config, run_ablation, summarize
 from bert_demo.config import TrainConfig
-from bert_demo.run_dir import FINAL
+from bert_demo.run_dir import CHECKPOINT, FINAL
 from bert_demo.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +33,7 @@ def test_the_ten_rows_of_the_paper() -> None:
     three = ("sst", "para", "sts")
     assert methods == {
         "single-sst": (False, False, False, "finetune", ("sst",)),
-        "pretrain": (False, False, False, "pretrain", three),
+        "frozen": (False, False, False, "frozen", three),
         "finetune": (False, False, False, "finetune", three),
         "smart": (True, False, False, "finetune", three),
         "pcgrad": (False, True, False, "finetune", three),
@@ -58,7 +58,7 @@ def test_mean_and_std_over_seeds() -> None:
 
 @pytest.mark.slow
 def test_ablation_runs_rows_and_skips_finished_ones(base, tmp_path) -> None:
-    rows = ["single-sst", "pretrain", "all"]
+    rows = ["single-sst", "frozen", "all"]
     table = run_ablation(base, tmp_path, seeds=2, rows=rows, progress=False, train=train)
     text = table.read_text()
     for slug in rows:
@@ -79,7 +79,9 @@ def test_ablation_runs_rows_and_skips_finished_ones(base, tmp_path) -> None:
                         train=no_training).read_text() == text
 
     # ... and resumes a run that has a checkpoint but no final.json.
+    # (A finished run deletes its checkpoint: put one back as an interrupted run has.)
     (tmp_path / "all" / "seed1" / FINAL).unlink()
+    (tmp_path / "all" / "seed1" / CHECKPOINT).write_bytes(b"")
     calls: list[tuple[Path, bool]] = []
 
     def record(config, out, resume=False, **kwargs):

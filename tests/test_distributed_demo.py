@@ -229,7 +229,7 @@ def test_torchrun_runs_the_command_line(tiny: Path) -> None:
         "--batch-sst", "3", "--batch-para", "2", "--batch-sts", "2", "--max-length", "16",
         "--epochs", "1", "--max-steps", "2", "--lr", "1e-3", "--eval-batch-size", "4",
         "--log-every", "1", "--pcgrad", "--smart", "--device", "cpu", "--no-progress",
-        "--threads", "1",
+        "--threads", "1", "--keep-checkpoint",
     ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
@@ -244,7 +244,8 @@ def test_torchrun_runs_the_command_line(tiny: Path) -> None:
     # Rank 0 alone printed the summary and wrote the run folder.
     assert done.stdout.count('"out"') == 1, done.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", CHECKPOINT, METRICS, FINAL]
+        ["config.json", CHECKPOINT, METRICS, FINAL, "best.safetensors", "model.safetensors",
+         "encoder"]
     )
     records = [json.loads(x) for x in (out / METRICS).read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]
