@@ -28,18 +28,21 @@ def tensorboard_installed() -> bool:
     return True
 
 
+def check_available(enabled: bool | None) -> None:
+    """Raise when TensorBoard was asked for explicitly and is not installed."""
+    if enabled and not tensorboard_installed():
+        raise TensorBoardUnavailable(
+            "--tensorboard: the tensorboard package is not installed; "
+            "pip install 'gradtools[tensorboard]' (or drop --tensorboard)")
+
+
 class TensorBoardLog:
     """Writes each metrics.jsonl record as scalars ``<event>/<name>`` at its step."""
 
     def __init__(self, run: Path, enabled: bool | None = None) -> None:
         self.writer: Any = None
-        if enabled is False:
-            return
-        if not tensorboard_installed():
-            if enabled:
-                raise TensorBoardUnavailable(
-                    "--tensorboard: the tensorboard package is not installed; "
-                    "pip install 'gradtools[tensorboard]' (or drop --tensorboard)")
+        check_available(enabled)
+        if enabled is False or not tensorboard_installed():
             return
         from torch.utils.tensorboard import SummaryWriter
 

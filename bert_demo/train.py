@@ -66,7 +66,8 @@ from bert_demo.run_dir import (
     write_json,
 )
 from bert_demo.tasks import get_task, model_tasks
-from bert_demo.tensorboard_log import TensorBoardLog, TensorBoardUnavailable, tensorboard_installed
+from bert_demo.tensorboard_log import TensorBoardLog
+from bert_demo.tensorboard_log import check_available as check_tensorboard
 from bert_demo.tokenizer import WordPieceTokenizer
 from bert_demo.weights import BEST_WEIGHTS, LAST_WEIGHTS, BestWeights, WeightsInfo, save_weights
 
@@ -142,10 +143,7 @@ class Trainer:
     ) -> None:
         self.config = config
         self.keep_checkpoint = keep_checkpoint
-        if tensorboard and not tensorboard_installed():
-            raise TensorBoardUnavailable(
-                "--tensorboard: the tensorboard package is not installed; "
-                "pip install 'gradtools[tensorboard]' (or drop --tensorboard)")
+        check_tensorboard(tensorboard)  # before the run folder is touched
         # This process among the torchrun processes (a single process by default).
         self.ranks = ranks if ranks is not None else Ranks()
         self.out = Path(out_dir)

@@ -12,7 +12,6 @@ import torch
 from demo_fixtures import write_tiny_data, write_tiny_model
 
 from bert_demo import export as export_module
-from bert_demo import train as train_module
 from bert_demo.cli import build_parser, config_from_args, main
 from bert_demo.config import TrainConfig
 from bert_demo.export import load_export
@@ -283,7 +282,6 @@ def test_tensorboard_has_the_metrics_scalars(tiny, tmp_path) -> None:
 
 def test_tensorboard_missing_is_silent_unless_asked_for(tiny, tmp_path, capsys,
                                                         monkeypatch) -> None:
-    monkeypatch.setattr(train_module, "tensorboard_installed", lambda: False)
     monkeypatch.setattr("bert_demo.tensorboard_log.tensorboard_installed", lambda: False)
     train(tiny_config(*tiny, max_steps=1), tmp_path / "quiet", progress=False)
     assert not (tmp_path / "quiet" / "tensorboard").exists()
