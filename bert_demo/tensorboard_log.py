@@ -39,14 +39,16 @@ def check_available(enabled: bool | None) -> None:
 class TensorBoardLog:
     """Writes each metrics.jsonl record as scalars ``<event>/<name>`` at its step."""
 
-    def __init__(self, run: Path, enabled: bool | None = None) -> None:
+    def __init__(self, run: Path, enabled: bool | None = None, first_step: int = 1) -> None:
         self.writer: Any = None
         check_available(enabled)
         if enabled is False or not tensorboard_installed():
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run / TENSORBOARD_DIR))
+        # purge_step: TensorBoard hides what an earlier writer logged from the first step
+        # this writer will log on (a resumed run logs those steps again; a new run, all).
+        self.writer = SummaryWriter(log_dir=str(run / TENSORBOARD_DIR), purge_step=first_step)
 
     @property
     def active(self) -> bool:

@@ -162,7 +162,6 @@ class Trainer:
         self.ranks.on_main(lambda: self._prepare_run_dir(resume))
         main = self.ranks.is_main
         self.best = BestWeights(self.out) if main else None
-        self.tensorboard = TensorBoardLog(self.out, tensorboard if main else False)
 
         torch.manual_seed(config.seed)
         self.lengths = {t: [example_length(e) for e in ex] for t, ex in self.train_sets.items()}
@@ -189,6 +188,7 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         if resume:
             self._load_checkpoint()
+        self.tensorboard = TensorBoardLog(self.out, tensorboard if main else False, self.step + 1)
 
     # ------------------------------------------------------------------ set-up
 

@@ -280,6 +280,29 @@ def test_tensorboard_has_the_metrics_scalars(tiny, tmp_path) -> None:
     assert all(got[k] == pytest.approx(v, rel=1e-6) for k, v in expected.items())
 
 
+def test_tensorboard_after_a_crash_and_resume_shows_each_step_once(tiny, tmp_path) -> None:
+    """A crash after the step-2 checkpoint logged step 3; the resumed run logs it again."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, config = tmp_path / "run", tiny_config(*tiny, epochs=2)
+
+    def crash_at_3(step: int) -> None:
+        if step == 3:
+            raise RuntimeError("power cut")  # not a Ctrl-C: no checkpoint at step 3
+
+    with pytest.raises(RuntimeError):
+        train(config, run, progress=False, on_step=crash_at_3, tensorboard=True)
+    train(config, run, resume=True, progress=False, tensorboard=True)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss_sst")]
+    assert [step for step, _ in loss] == [1, 2, 3, 4]
+    records = [json.loads(x) for x in (run / METRICS).read_text().splitlines()]
+    resumed_step_3 = [r for r in records if r["event"] == "train" and r["step"] == 3][-1]
+    assert loss[2][1] == pytest.approx(resumed_step_3["loss_sst"], rel=1e-6)
+
+
 def test_tensorboard_missing_is_silent_unless_asked_for(tiny, tmp_path, capsys,
                                                         monkeypatch) -> None:
     monkeypatch.setattr("bert_demo.tensorboard_log.tensorboard_installed", lambda: False)
