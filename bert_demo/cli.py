@@ -290,8 +290,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       progress=not args.no_progress, ranks=ranks,
                       keep_checkpoint=args.keep_checkpoint, tensorboard=args.tensorboard)
         if ranks.is_main:
-            print(json.dumps({"out": str(out), "wall_s": final["wall_s"], **final["dev"]},
-                             indent=2))
+            best = final.get("best") or {}  # runs before best weights have none
+            print(json.dumps({"out": str(out), "wall_s": final["wall_s"], **final["dev"],
+                              "best_step": best.get("step")}, indent=2))
     except BaseException:
         ranks.shutdown(together=False)
         raise

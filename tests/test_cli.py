@@ -97,6 +97,7 @@ def test_train_evaluate_predict_analyze_resume(tiny, tmp_path, capsys) -> None:
     final = json.loads((run / "final.json").read_text())
     assert final["step"] == 2 and final["config"]["pcgrad"]
     assert printed["out"] == str(run) and printed["overall"] == final["dev"]["overall"]
+    assert printed["best_step"] == final["best"]["step"] == 2
 
     # A finished run keeps model-only weights; its optimizer checkpoint is gone.
     assert (run / "model.safetensors").is_file() and not (run / "checkpoint.pt").exists()
