@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,20 +74,38 @@ def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> None:
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """A run's config.json; a broken or hand-edited file gets an error naming it."""
     try:
-        values = json.loads(Path(path).read_text())
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
-    return TrainConfig.from_dict(values)
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings")
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def resolve_device(name: str | None) -> torch.device:
     """``None``: cuda when present, else cpu. A named cuda device must exist."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: bert_demo runs on cpu or cuda")
     return device
 
 
@@ -96,13 +115,24 @@ def run_folder(run: str | os.PathLike[str]) -> Path:
     return path if path.is_dir() else path.parent
 
 
+class CheckpointUnreadable(ValueError):
+    """checkpoint.pt cannot be read (cut short, overwritten, not a checkpoint)."""
+
+
 def check_format(state: Any, path: Path) -> None:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a bert_demo checkpoint (format {CHECKPOINT_FORMAT})")
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """checkpoint.pt's content; a truncated or foreign file gets an error naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointUnreadable(
+            f"{path}: not a readable bert_demo checkpoint (truncated or corrupt? {reason})"
+        ) from None
     check_format(state, path)
     return state
 
@@ -121,10 +151,16 @@ def load_trained(
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"no checkpoint at {checkpoint_path}")
     state = read_checkpoint(checkpoint_path)
-    config = TrainConfig.from_dict(json.loads(state["config"]))
-    encoder = BertModel(BertConfig(**json.loads(state["encoder_config"])))
-    model = new_model(config, encoder)
-    model.load_state_dict(state["model"])
+    try:
+        config = TrainConfig.from_dict(json.loads(state["config"]))
+        encoder = BertModel(BertConfig(**json.loads(state["encoder_config"])))
+        model = new_model(config, encoder)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointUnreadable(
+            f"{checkpoint_path}: does not describe a model this bert_demo can rebuild "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     model.to(device).eval()
     tokenizer = WordPieceTokenizer.from_folder(resolve_model_path(config.model))
     return model, tokenizer, config
