@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from bert_demo.config import TrainConfig
 from bert_demo.run_dir import CHECKPOINT, FINAL
+from bert_demo.tasks import PAPER_TASKS, TASKS
 
 
 class TrainFunction(Protocol):
@@ -49,8 +50,9 @@ ROWS: tuple[Row, ...] = (
     Row("SMART + PCGrad + stsAug", "all", {"smart": True, "pcgrad": True, "sts_aug": True}),
 )
 
-METRICS = ("sst_acc", "para_acc", "sts_pearson", "overall")
-HEADERS = ("SST acc", "Quora acc", "STS r", "overall")
+# The paper's three tasks' metrics and the overall score, as table columns.
+METRICS = (*(TASKS[t].metric_name for t in PAPER_TASKS), "overall")
+HEADERS = (*(TASKS[t].metric_title for t in PAPER_TASKS), "overall")
 
 # The paper's dev numbers (bert-base, official Quora split) per row, when known.
 # They could not be retrieved while this was written, so the column is left open

@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
-from bert_demo.data import Example, PairExample, SentenceExample, find_data_dir, load_split
+from bert_demo.data import (
+    Example,
+    PairExample,
+    SentenceExample,
+    find_data_dir,
+    load_split,
+    require_rows,
+)
 from bert_demo.evaluate import TaskPredictions, predict_task
 from bert_demo.run_dir import load_trained, resolve_device, run_folder
 from bert_demo.tasks import get_task
@@ -117,6 +124,7 @@ def analyze(
     data_dir = find_data_dir(data if data is not None else config.data)
     tasks = tuple(model.heads)
     dev = load_split(data_dir, tasks, "dev", max_eval_examples, random_subset=False)
+    require_rows(data_dir, "dev", dev, max_eval_examples)
 
     lines = [f"# Error analysis of {run_dir}", ""]
     for task in tasks:

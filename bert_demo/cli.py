@@ -50,6 +50,8 @@ def _flag(spec: Field[Any]) -> str:
 def _shown(value: Any) -> str:
     if isinstance(value, tuple):
         return " ".join(map(str, value))
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return "on" if value else "off"
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -91,7 +93,7 @@ def _number_parser(spec: Field[Any], kind: type) -> Callable[[str], Any]:
 
 def _add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> None:
     """One flag per TrainConfig field, typed, bounded and documented by the field's metadata."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="named settings that the other flags override "
                         f"(default: {DEFAULT_PRESET})")
     for spec in _CONFIG_FIELDS:
@@ -135,7 +137,33 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return preset_config(args.preset, **config_overrides(args))
+    return preset_config(args.preset or DEFAULT_PRESET, **config_overrides(args))
+
+
+def resumed_config(saved: TrainConfig, args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    """The saved settings with the flags that may change on --resume; refuses the others.
+
+    Returns the config and a line naming what changed.
+    """
+    from bert_demo.run_dir import RunDirError
+    from bert_demo.train import RESUMABLE
+
+    if args.preset is not None:
+        raise RunDirError("--resume continues with the run's saved settings; drop --preset")
+    given = config_overrides(args)
+    changed = {k: v for k, v in given.items() if getattr(saved, k) != v}
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:
+        shown = ", ".join(f"--{k.replace('_', '-')} {_shown(changed[k])} (the run has "
+                          f"{_shown(getattr(saved, k))})" for k in refused)
+        allowed = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE)
+        raise RunDirError(f"--resume keeps the run's settings; refusing {shown}. "
+                          f"Only {allowed} may change on --resume")
+    if not changed:
+        return saved, "with its saved settings"
+    applied = ", ".join(f"--{k.replace('_', '-')} {_shown(v)} (was {_shown(getattr(saved, k))})"
+                        for k, v in changed.items())
+    return saved.with_overrides(**changed), f"with {applied}"
 
 
 def _positive_int(text: str) -> int:
@@ -254,12 +282,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _fail(parser, f"only 'train' runs under torchrun; run '{args.command}' as one process")
+    from bert_demo.train import TrainingDiverged
+
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except TrainingDiverged as e:
+        # Not a usage error: the settings were valid but the run failed.
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, FeatureUnavailable, RunDirError) as e:
         _fail(parser, str(e))
+    except OSError as e:  # a read-only folder, a file where a folder should be, ...
+        where = e.filename if e.filename is not None else "a file"
+        _fail(parser, f"{where}: {e.strerror or e}")
     return 2
 
 
@@ -271,7 +308,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # Under torchrun: join the other processes (a no-op for a single process).
     ranks, device = from_env(args.device)
     try:
-        out = Path(args.out or f"runs/{args.preset}")
+        out = Path(args.out or f"runs/{args.preset or DEFAULT_PRESET}")
         if args.resume:
 
             def saved_config() -> TrainConfig:
@@ -281,9 +318,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     )
                 return load_config(out / CONFIG)
 
-            config = ranks.on_main(saved_config)  # rank 0's disk is the one that counts
+            # rank 0's disk is the one that counts
+            config, how = resumed_config(ranks.on_main(saved_config), args)
             if ranks.is_main:
-                print(f"resuming {out} with its saved settings")
+                print(f"resuming {out} {how}")
         else:
             config = config_from_args(args)
         final = train(config, out, resume=args.resume, device=device,
@@ -301,7 +339,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from bert_demo.data import find_data_dir, load_split
+    from bert_demo.data import find_data_dir, load_split, require_rows
     from bert_demo.evaluate import evaluate
     from bert_demo.run_dir import load_run, resolve_device, write_json
     from bert_demo.tasks import get_task
@@ -312,6 +350,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     data_dir = find_data_dir(args.data if args.data is not None else config.data)
     tasks = tuple(model.heads)
     dev = load_split(data_dir, tasks, "dev", args.max_eval_examples, random_subset=False)
+    require_rows(data_dir, "dev", dev, args.max_eval_examples)
     metrics = evaluate(model, dev, trained.tokenizer, config.max_length, config.eval_batch_size,
                        device, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))

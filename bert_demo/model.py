@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -361,13 +362,20 @@ def read_checkpoint_weights(folder: str | os.PathLike[str]) -> dict[str, Tensor]
     folder = Path(folder)
     safetensors_path = folder / "model.safetensors"
     if safetensors_path.is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(safetensors_path, device="cpu")
+        try:
+            return load_file(safetensors_path, device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{safetensors_path}: not a readable safetensors file ({e})") from None
     bin_path = folder / "pytorch_model.bin"
     if bin_path.is_file():
         # weights_only: a checkpoint must not be able to run code on load.
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+            raise CheckpointError(f"{bin_path}: not a readable weights file ({e})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{bin_path} does not hold a state dict")
         return state
@@ -459,12 +467,22 @@ def load_pretrained(
     ``config_overrides`` replace config.json values, e.g. ``hidden_dropout_prob=0.1``.
     """
     folder = resolve_model_path(source)
-    with open(folder / "config.json", encoding="utf-8") as f:
-        values = json.load(f)
+    config_path = folder / "config.json"
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{config_path}: not UTF-8 text ({e.reason})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
     unknown = set(config_overrides) - {fl.name for fl in fields(BertConfig)}
     if unknown:
         raise TypeError(f"unknown config override(s): {sorted(unknown)}")
-    config = BertConfig.from_dict({**values, **config_overrides})
+    try:
+        config = BertConfig.from_dict({**values, **config_overrides})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
     model = BertModel(config)
     weights = convert_hf_state_dict(read_checkpoint_weights(folder), config.num_hidden_layers)
     expected = model.state_dict()

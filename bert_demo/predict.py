@@ -57,13 +57,33 @@ def predict_files(
     if single_file and len(jobs) != 1:
         raise ValueError(f"--output {output} names one CSV file but there are {len(jobs)} inputs")
     folder = Path(output) if output is not None and not single_file else run_dir / "predictions"
-    written = []
+    # Read every input first: a bad file is named before anything is written.
+    inputs_read = []
     for job_task, path in jobs:
         examples = read_task_file(job_task, path)
+        if not examples:
+            raise ValueError(f"{path}: no rows to predict (only a header)")
+        inputs_read.append((job_task, path, examples))
+    named = "--output " if output is not None else ""
+    # Make sure the predictions can be written before spending minutes on them.
+    target_dir = Path(str(output)).parent if single_file else folder
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(target_dir, os.W_OK):
+            raise PermissionError(13, "Permission denied", str(target_dir))
+    except OSError as e:
+        raise ValueError(f"{named}{output or folder}: cannot write predictions there "
+                         f"({e.strerror or e})") from None
+    written = []
+    for job_task, path, examples in inputs_read:
         result = predict_task(
             model, job_task, examples, tokenizer, config.max_length, config.eval_batch_size,
             torch_device, progress,
         )
         target = Path(str(output)) if single_file else folder / f"{path.stem}-predictions.csv"
-        written.append((write_predictions(target, result), len(result.ids)))
+        try:
+            written.append((write_predictions(target, result), len(result.ids)))
+        except OSError as e:
+            raise ValueError(f"{named}{target}: cannot write predictions there "
+                             f"({e.strerror or e})") from None
     return written

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,20 +79,38 @@ def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> None:
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """A run's config.json; a broken or hand-edited file gets an error naming it."""
     try:
-        values = json.loads(Path(path).read_text())
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
-    return TrainConfig.from_dict(values)
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings")
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def resolve_device(name: str | None) -> torch.device:
     """``None``: cuda when present, else cpu. A named cuda device must exist."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: bert_demo runs on cpu or cuda")
     return device
 
 
@@ -101,13 +120,24 @@ def run_folder(run: str | os.PathLike[str]) -> Path:
     return path if path.is_dir() else path.parent
 
 
+class CheckpointUnreadable(ValueError):
+    """checkpoint.pt cannot be read (cut short, overwritten, not a checkpoint)."""
+
+
 def check_format(state: Any, path: Path) -> None:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a bert_demo checkpoint (format {CHECKPOINT_FORMAT})")
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """checkpoint.pt's content; a truncated or foreign file gets an error naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointUnreadable(
+            f"{path}: not a readable bert_demo checkpoint (truncated or corrupt? {reason})"
+        ) from None
     check_format(state, path)
     return state
 
@@ -146,6 +176,20 @@ def _weights_file(path: Path, weights: str) -> Path:
     raise FileNotFoundError(f"no checkpoint at {path}: none of {', '.join(names)} is there")
 
 
+def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """best/model.safetensors; a truncated or foreign file gets an error naming it."""
+    from safetensors import SafetensorError
+
+    from bert_demo.weights import read_weights
+
+    try:
+        return read_weights(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointUnreadable(
+            f"{path}: not a readable weights file (truncated or corrupt? {e})"
+        ) from None
+
+
 def load_run(
     run: str | os.PathLike[str], device: torch.device | str = "cpu", weights: str = "best"
 ) -> TrainedRun:
@@ -156,21 +200,28 @@ def load_run(
     run works without the model it was trained from.
     """
     from bert_demo.model_files import encoder_files
-    from bert_demo.weights import read_weights
 
     path = Path(run)
     weights_file = _weights_file(path, weights)
-    if weights_file.suffix == ".safetensors":
-        state, info = read_weights(weights_file)
-        config = TrainConfig.from_dict(info.config)
-        encoder_config, step = info.encoder_config, info.step
-    else:
-        checkpoint = read_checkpoint(weights_file)
-        config = TrainConfig.from_dict(json.loads(checkpoint["config"]))
-        encoder_config, step = json.loads(checkpoint["encoder_config"]), int(checkpoint["step"])
-        state = checkpoint["model"]
-    model = new_model(config, BertModel(BertConfig(**encoder_config)))
-    model.load_state_dict(state)
+    try:
+        if weights_file.suffix == ".safetensors":
+            state, info = _read_weights_file(weights_file)
+            config = TrainConfig.from_dict(info.config)
+            encoder_config, step = info.encoder_config, info.step
+        else:
+            checkpoint = read_checkpoint(weights_file)
+            config = TrainConfig.from_dict(json.loads(checkpoint["config"]))
+            encoder_config = json.loads(checkpoint["encoder_config"])
+            step, state = int(checkpoint["step"]), checkpoint["model"]
+        model = new_model(config, BertModel(BertConfig(**encoder_config)))
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, CheckpointUnreadable):
+            raise
+        raise CheckpointUnreadable(
+            f"{weights_file}: does not describe a model this bert_demo can rebuild "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     model.to(device).eval()
     own_files = encoder_files(weights_file.parent)
     tokenizer = WordPieceTokenizer.from_folder(

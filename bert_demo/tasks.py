@@ -95,6 +95,7 @@ class Task:
     cross_bias: float = 0.0
     # evaluation
     metric_name: str = ""
+    metric_title: str = ""  # the column header in tables
     prediction_column: str = ""
     # the TrainConfig field holding this task's training batch size
     batch_setting: str = ""
@@ -172,7 +173,7 @@ TASKS: dict[str, Task] = {
             name="sst", description="SST-5 sentiment (5 classes)",
             file_prefix="ids-sst", text_columns=("sentence",), label_column="sentiment",
             parse_label=class_label(0, 4), kind="classes", num_outputs=5,
-            class_names=SENTIMENT_NAMES, metric_name="sst_acc",
+            class_names=SENTIMENT_NAMES, metric_name="sst_acc", metric_title="SST acc",
             prediction_column="predicted_sentiment", batch_setting="batch_sst",
         ),
         Task(
@@ -182,6 +183,7 @@ TASKS: dict[str, Task] = {
             file_prefix="quora", text_columns=("sentence1", "sentence2"),
             label_column="is_duplicate", parse_label=class_label(0, 1), kind="binary",
             num_outputs=1, cosine_init=(10.0, -7.0), cross_bias=0.0, metric_name="para_acc",
+            metric_title="Quora acc",
             prediction_column="predicted_is_duplicate", batch_setting="batch_para",
             aliases=("quora",),
         ),
@@ -191,7 +193,8 @@ TASKS: dict[str, Task] = {
             file_prefix="sts", text_columns=("sentence1", "sentence2"), label_column="similarity",
             parse_label=score_label(0.0, 5.0), kind="score", num_outputs=1,
             score_range=(0.0, 5.0), cosine_init=(5.0, 0.0), cross_bias=2.5,
-            metric_name="sts_pearson", prediction_column="predicted_similarity",
+            metric_name="sts_pearson", metric_title="STS r",
+            prediction_column="predicted_similarity",
             batch_setting="batch_sts",
         ),
         Task(
@@ -199,6 +202,7 @@ TASKS: dict[str, Task] = {
             file_prefix="ids-cfimdb", text_columns=("sentence",), label_column="sentiment",
             parse_label=class_label(0, 1), kind="classes", num_outputs=2,
             class_names=("negative", "positive"), metric_name="cfimdb_acc",
+            metric_title="CFIMDB acc",
             prediction_column="predicted_sentiment", batch_setting="batch_cfimdb",
         ),
     )

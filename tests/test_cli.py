@@ -159,3 +159,32 @@ def test_ctrl_c_saves_a_checkpoint_after_the_current_step(tiny, tmp_path) -> Non
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert state["step"] >= 1 and state["step"] == logged[-1]
+
+
+def test_every_flag_says_its_default() -> None:
+    """Help text of every option of every command, with its default (issue 13)."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, command in commands.items():
+        for action in command._actions:
+            if action.dest == "help" or action.required:  # --run, export --out: no default
+                continue
+            text = action.help or ""
+            assert "default" in text, (name, action.option_strings, text)
+
+
+def test_flags_come_from_train_config_fields() -> None:
+    """A TrainConfig field is a flag with its metadata's help and the field's default."""
+    from dataclasses import fields
+
+    from bert_demo.config import TrainConfig
+
+    train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    flags = {a.dest: a for a in train._actions}
+    for spec in fields(TrainConfig):
+        if spec.name == "extra":
+            continue
+        assert spec.name in flags, spec.name
+        assert spec.metadata["help"] in flags[spec.name].help
+    assert "(default: 0.00015; paper preset: 1e-05)" in flags["lr"].help
+    assert "(default: mean; paper preset: cls)" in flags["pooling"].help

@@ -111,6 +111,68 @@ def test_keep_checkpoint_and_interrupted_runs_keep_theirs(tiny, tmp_path) -> Non
     assert final["step"] == 2 and not (tmp_path / "cut" / CHECKPOINT).exists()
 
 
+def test_a_kept_checkpoint_extends_a_finished_run(tiny, tmp_path) -> None:
+    """More steps on --resume continue a kept checkpoint; until the new end the run is
+    not finished (no final.json, and its last weights are the checkpoint's)."""
+    run, config = tmp_path / "run", tiny_config(*tiny)
+    train(config, run, progress=False, keep_checkpoint=True)
+    assert json.loads((run / FINAL).read_text())["step"] == 2
+    longer = config.with_overrides(epochs=2)
+
+    def stop_at_3(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(longer, run, resume=True, progress=False, on_step=stop_at_3)
+    assert not (run / FINAL).exists() and not (run / LAST_WEIGHTS).exists()
+    assert load_run(run, weights="last").weights_file.name == CHECKPOINT
+    assert load_run(run, weights="last").step == 3
+    final = train(longer, run, resume=True, progress=False)
+    assert final["step"] == 4 and read_info(run / LAST_WEIGHTS).step == 4
+    assert not (run / CHECKPOINT).exists()  # this resume did not ask to keep it
+
+
+def test_an_evaluation_cut_short_is_done_once_on_resume(tiny, tmp_path, monkeypatch) -> None:
+    """The checkpoint is saved before the epoch-end evaluation. A crash after the step-4
+    evaluation was logged (metrics.jsonl, TensorBoard) but before the best weights and the
+    second checkpoint: the resume evaluates step 4 again, and metrics.jsonl, TensorBoard
+    and the best weights hold each step once."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from bert_demo.weights import BestWeights
+
+    run, config = tmp_path / "run", tiny_config(*tiny, epochs=2)
+    real_consider = BestWeights.consider
+
+    def crash_at_4(self: BestWeights, model: torch.nn.Module, info: Any) -> bool:
+        if info.step == 4:
+            raise RuntimeError("evaluation crashed")
+        return real_consider(self, model, info)
+
+    monkeypatch.setattr(BestWeights, "consider", crash_at_4)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train(config, run, progress=False, tensorboard=True)
+    assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 4
+    assert read_info(run / BEST_WEIGHTS).step == 2
+    assert json.loads((run / METRICS).read_text().splitlines()[-1])["step"] == 4
+    monkeypatch.setattr(BestWeights, "consider", real_consider)
+    final = train(config, run, resume=True, progress=False, tensorboard=True)
+    records = [json.loads(x) for x in (run / METRICS).read_text().splitlines()]
+    assert [(r["event"], r["step"]) for r in records] == [
+        ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    assert final["dev"] == {k: v for k, v in records[-1].items()
+                            if k not in ("event", "step", "epoch", "elapsed_s")}
+    assert final["best"]["step"] in (2, 4)
+    assert read_info(run / BEST_WEIGHTS).step == final["best"]["step"]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss_sst")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("eval/overall")] == [2, 4]
+    assert events.Scalars("eval/overall")[-1].value == pytest.approx(final["dev"]["overall"])
+
+
 # ---------------------------------------------------------------- best epoch
 
 

@@ -177,10 +177,12 @@ def test_two_processes_train_like_one_and_resume_exactly(tiny: Path) -> None:
         assert torch.equal(ranks[1]["resumed"]["teacher"][name], value), name
     assert ranks[0]["exact_sum"]["final"]["dev"] == ranks[1]["exact_sum"]["final"]["dev"]
 
-    # Checkpoints come from rank 0 only: at each epoch end and on the interrupt.
+    # Checkpoints come from rank 0 only: twice at each epoch end (before the dev
+    # evaluation, so that an evaluation error cannot lose the weights, and after it,
+    # with its metrics) and once on the interrupt.
     assert ranks[1]["saves"] == []
     assert ranks[0]["saves"] == (
-        ["exact_sum"] * 2 + ["exact_pcgrad"] * 2 + ["straight"] * 2 + ["resumed"] * 3
+        ["exact_sum"] * 4 + ["exact_pcgrad"] * 4 + ["straight"] * 4 + ["resumed"] * 5
     )
     # One metrics line per step and per evaluation: nothing written twice.
     records = [json.loads(x) for x in (runs / "exact_sum" / METRICS).read_text().splitlines()]
