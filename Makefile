@@ -1,6 +1,7 @@
 # The two entry points named at the top of README.md.
 #   make demo   set up .venv, then train bert_demo on the packaged MiniLM
 #   make test   set up .venv, then ruff, mypy and pytest
+#   make bench  set up .venv, then every benchmarks/bench_*.py table
 # Extra arguments for the demo: make demo ARGS="--preset paper"
 
 PY := .venv/bin/python
@@ -25,5 +26,6 @@ pytest: setup
 
 test: lint typecheck pytest
 
+# Every benchmark script prints its side-by-side ratio table (the numbers in benchmarks/RESULTS.md).
 bench: setup
-	$(PY) benchmarks/run_all.py
+	@for script in benchmarks/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

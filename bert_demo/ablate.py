@@ -14,22 +14,32 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bert_demo.config import TrainConfig
-from bert_demo.train import CHECKPOINT, FINAL, train
+from bert_demo.run_dir import CHECKPOINT, FINAL
+from bert_demo.tasks import PAPER_TASKS, TASKS
+
+
+class TrainFunction(Protocol):
+    """:func:`bert_demo.train.train` (the CLI passes it in; tests pass a stand-in)."""
+
+    def __call__(self, config: TrainConfig, out_dir: Path, *, resume: bool,
+                 device: str | None, progress: bool) -> Any: ...
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
-    slug: str
+    slug: str  # its folder and its name for --rows
     overrides: dict[str, Any]
+    aliases: tuple[str, ...] = ()  # older slugs, still accepted by --rows
 
 
 ROWS: tuple[Row, ...] = (
     Row("single-task SST baseline", "single-sst", {"tasks": ("sst",)}),
-    Row("pretrained baseline (frozen encoder)", "pretrain", {"mode": "pretrain"}),
+    Row("pretrained baseline (frozen encoder)", "frozen", {"mode": "frozen"},
+        aliases=("pretrain",)),
     Row("finetune baseline", "finetune", {}),
     Row("SMART", "smart", {"smart": True}),
     Row("PCGrad", "pcgrad", {"pcgrad": True}),
@@ -40,13 +50,14 @@ ROWS: tuple[Row, ...] = (
     Row("SMART + PCGrad + stsAug", "all", {"smart": True, "pcgrad": True, "sts_aug": True}),
 )
 
-METRICS = ("sst_acc", "para_acc", "sts_pearson", "overall")
-HEADERS = ("SST acc", "Quora acc", "STS r", "overall")
+# The paper's three tasks' metrics and the overall score, as table columns.
+METRICS = (*(TASKS[t].metric_name for t in PAPER_TASKS), "overall")
+HEADERS = (*(TASKS[t].metric_title for t in PAPER_TASKS), "overall")
 
 # The paper's dev numbers (bert-base, official Quora split) per row, when known.
 # They could not be retrieved while this was written, so the column is left open
 # rather than filled with guesses; fill it in from the paper's table.
-PAPER: dict[str, dict[str, float]] = {}
+PAPER_DEV_SCORES: dict[str, dict[str, float]] = {}
 
 
 def row_config(base: TrainConfig, row: Row, seed: int) -> TrainConfig:
@@ -60,7 +71,8 @@ def row_config(base: TrainConfig, row: Row, seed: int) -> TrainConfig:
 def select_rows(names: list[str] | None) -> tuple[Row, ...]:
     if names is None:
         return ROWS
-    known = {r.slug: r for r in ROWS} | {r.name: r for r in ROWS}
+    known = ({r.slug: r for r in ROWS} | {r.name: r for r in ROWS}
+             | {alias: r for r in ROWS for alias in r.aliases})
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"--rows: unknown row(s) {unknown}; rows are {[r.slug for r in ROWS]}")
@@ -74,8 +86,10 @@ def run_ablation(
     rows: list[str] | None = None,
     device: str | None = None,
     progress: bool = True,
+    *,
+    train: TrainFunction,
 ) -> Path:
-    """Train every (row, seed) not finished yet, then write the table; returns its path."""
+    """Train every (row, seed) not finished yet with ``train``, then write the table."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     selected = select_rows(rows)
@@ -134,7 +148,8 @@ def markdown_table(summary: dict[str, Any], base: TrainConfig, seeds: int) -> st
     ]
     for name, entry in summary.items():
         ours = [_cell(entry[m]) for m in METRICS]
-        paper = [f"{PAPER[name][m]:.3f}" if name in PAPER and m in PAPER[name] else "—"
+        known = PAPER_DEV_SCORES.get(name, {})
+        paper = [f"{known[m]:.3f}" if m in known else "—"
                  for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(ours) + " | " + " | ".join(paper)
                      + f" | {entry['wall_s'] / 60:.1f} |")

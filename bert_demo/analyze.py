@@ -1,11 +1,13 @@
 """`analyze`: the error analysis of the report as a tool.
 
-Writes, for a trained run, the SST dev confusion matrix as a PNG and a markdown
-report listing the largest dev errors of each task with their sentences:
+Writes, for a trained run, the dev confusion matrix of each class task (SST) as a
+PNG and a markdown report listing the largest dev errors of each task with their
+sentences, by the kind of task (see :mod:`bert_demo.tasks`). Only wrong predictions
+are listed:
 
-    sst   wrong predictions, most confident first (probability of the predicted class)
-    para  pairs whose predicted probability is furthest from the label
-    sts   pairs whose predicted score is furthest from the gold score
+    classes  wrong classes, most confident first (probability of the predicted class)
+    binary   wrong labels, the predicted probability furthest from the label first
+    score    scores furthest from the gold score (any difference is an error)
 """
 
 from __future__ import annotations
@@ -16,14 +18,20 @@ from typing import Any
 
 import torch
 
-from bert_demo.batching import Example
-from bert_demo.data import PairExample, SentenceExample, find_data_dir
-from bert_demo.datasets import DEV_FILES, load_split
-from bert_demo.evaluate import METRIC_OF_TASK, TaskPredictions, predict_task
-from bert_demo.multitask import NUM_SENTIMENT_CLASSES, TASKS
-from bert_demo.train import load_trained, resolve_device
+from bert_demo.data import (
+    Example,
+    PairExample,
+    SentenceExample,
+    find_data_dir,
+    load_split,
+    require_rows,
+)
+from bert_demo.evaluate import TaskPredictions, predict_task
+from bert_demo.run_dir import load_trained, resolve_device, run_folder
+from bert_demo.tasks import get_task
 
-SENTIMENT_NAMES = ("very negative", "negative", "neutral", "positive", "very positive")
+# What the largest errors are measured by, per kind of task.
+ERROR_MEASURE = {"classes": "confidence", "binary": "|p - label|", "score": "|score - gold|"}
 
 
 def confusion_matrix(predicted: list[float], gold: list[float], classes: int) -> torch.Tensor:
@@ -34,7 +42,9 @@ def confusion_matrix(predicted: list[float], gold: list[float], classes: int) ->
     return counts
 
 
-def plot_confusion(counts: torch.Tensor, path: Path, title: str) -> Path:
+def plot_confusion(
+    counts: torch.Tensor, path: Path, title: str, names: tuple[str, ...]
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -45,8 +55,8 @@ def plot_confusion(counts: torch.Tensor, path: Path, title: str) -> Path:
     ax: Any
     fig, ax = plt.subplots(figsize=(6, 5))
     image = ax.imshow(counts.numpy(), cmap="Blues")
-    ax.set_xticks(range(len(SENTIMENT_NAMES)), SENTIMENT_NAMES, rotation=30, ha="right")
-    ax.set_yticks(range(len(SENTIMENT_NAMES)), SENTIMENT_NAMES)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
     ax.set_title(title)
@@ -67,16 +77,18 @@ def largest_errors(result: TaskPredictions, top: int) -> list[tuple[int, float]]
     """(row, error size) of the ``top`` largest errors of a task, largest first."""
     if result.gold is None:
         raise ValueError(f"the {result.task} file has no labels")
-    if result.task == "sst":
+    kind = get_task(result.task).kind
+    if kind == "classes":
         confidence = result.outputs.softmax(-1).max(-1).values.tolist()
         errors = [(i, confidence[i]) for i, (p, g) in enumerate(
             zip(result.predicted, result.gold, strict=True)) if p != g]
-    elif result.task == "para":
+    elif kind == "binary":
         probability = torch.sigmoid(result.outputs).tolist()
-        errors = [(i, abs(probability[i] - g)) for i, g in enumerate(result.gold)]
+        errors = [(i, abs(probability[i] - g)) for i, (p, g) in enumerate(
+            zip(result.predicted, result.gold, strict=True)) if p != g]
     else:
         errors = [(i, abs(p - g)) for i, (p, g) in enumerate(
-            zip(result.predicted, result.gold, strict=True))]
+            zip(result.predicted, result.gold, strict=True)) if p != g]
     return sorted(errors, key=lambda item: -item[1])[:top]
 
 
@@ -98,43 +110,50 @@ def analyze(
     data: str | None = None,
     max_eval_examples: int | None = None,
     device: str | None = None,
+    weights: str = "best",
+    progress: bool = False,
 ) -> Path:
     """Write sst_confusion.png and errors.md for a run; returns the markdown path."""
     if top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
     torch_device = resolve_device(device)
-    model, tokenizer, config = load_trained(run, torch_device)
-    run_dir = Path(run) if Path(run).is_dir() else Path(run).parent
+    model, tokenizer, config = load_trained(run, torch_device, weights)
+    run_dir = run_folder(run)
     folder = Path(out) if out is not None else run_dir / "analysis"
     folder.mkdir(parents=True, exist_ok=True)
     data_dir = find_data_dir(data if data is not None else config.data)
-    dev = load_split(data_dir, TASKS, DEV_FILES, max_eval_examples, random_subset=False)
+    tasks = tuple(model.heads)
+    dev = load_split(data_dir, tasks, "dev", max_eval_examples, random_subset=False)
+    require_rows(data_dir, "dev", dev, max_eval_examples)
 
     lines = [f"# Error analysis of {run_dir}", ""]
-    for task in TASKS:
+    for task in tasks:
+        spec = get_task(task)
         result = predict_task(model, task, dev[task], tokenizer, config.max_length,
-                              config.eval_batch_size, torch_device)
-        lines += [f"## {task} ({METRIC_OF_TASK[task]} {result.metric():.4f})", ""]
-        if task == "sst":
+                              config.eval_batch_size, torch_device, progress)
+        lines += [f"## {task} ({spec.metric_name} {result.metric():.4f})", ""]
+        if spec.kind == "classes":
             assert result.gold is not None
-            counts = confusion_matrix(result.predicted, result.gold, NUM_SENTIMENT_CLASSES)
-            plot_confusion(counts, folder / "sst_confusion.png",
-                           f"SST dev confusion (acc {result.metric():.3f})")
+            names = spec.class_names
+            counts = confusion_matrix(result.predicted, result.gold, spec.num_outputs)
+            picture = f"{task}_confusion.png"
+            plot_confusion(counts, folder / picture,
+                           f"{task.upper()} dev confusion (acc {result.metric():.3f})", names)
             lines += ["Confusion matrix (rows gold, columns predicted); "
-                      "picture: sst_confusion.png", "",
-                      "| gold \\ predicted | " + " | ".join(SENTIMENT_NAMES) + " |",
-                      "|---" * (NUM_SENTIMENT_CLASSES + 1) + "|"]
-            for g, name in enumerate(SENTIMENT_NAMES):
+                      f"picture: {picture}", "",
+                      "| gold \\ predicted | " + " | ".join(names) + " |",
+                      "|---" * (spec.num_outputs + 1) + "|"]
+            for g, name in enumerate(names):
                 lines.append(f"| {name} | " + " | ".join(str(int(c)) for c in counts[g]) + " |")
             lines.append("")
-        header = {"sst": "confidence", "para": "|p - label|", "sts": "|score - gold|"}[task]
+        header = ERROR_MEASURE[spec.kind]
         lines += [f"Largest errors ({header}):", "",
                   f"| id | gold | predicted | {header} | text |", "|---|---|---|---|---|"]
         assert result.gold is not None
         for row, size in largest_errors(result, top):
             example = dev[task][row]
             predicted = result.predicted[row]
-            shown = f"{predicted:.2f}" if task == "sts" else str(int(predicted))
+            shown = f"{predicted:.2f}" if spec.kind == "score" else str(int(predicted))
             lines.append(f"| {example.id} | {result.gold[row]:g} | {shown} | {size:.3f} | "
                          f"{_cell(_text(example))} |")
         lines.append("")

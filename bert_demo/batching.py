@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bert_demo.data import PairExample, SentenceExample, reverse_pairs
-from bert_demo.multitask import TASKS, check_task
+from bert_demo.data import Example, PairExample, SentenceExample, reverse_pairs
+from bert_demo.tasks import TASKS, get_task
 from bert_demo.tokenizer import WordPieceTokenizer
 
-Example = SentenceExample | PairExample
+__all__ = ["Example", "TaskBatch", "batch_indices", "batches_per_pass", "eval_batches",
+           "example_length", "make_batch"]
 
 
 @dataclass
@@ -61,13 +62,13 @@ def make_batch(
     ``sts_aug`` appends each STS pair reversed (s2, s1), doubling the batch as the
     paper's stsAug does; it only applies to training batches of the sts task.
     """
-    check_task(task)
+    spec = get_task(task)
     if not examples:
         raise ValueError(f"empty {task} batch")
     items = list(examples)
-    if task == "sst":
+    if not spec.pairs:
         if not all(isinstance(e, SentenceExample) for e in items):
-            raise TypeError("sst batches take SentenceExample rows")
+            raise TypeError(f"{task} batches take SentenceExample rows")
         encoded = tokenizer.encode([e.sentence for e in items], max_length=max_length)  # type: ignore[union-attr]
     else:
         if not all(isinstance(e, PairExample) for e in items):
@@ -86,8 +87,7 @@ def make_batch(
     labels: Tensor | None = None
     raw = [e.label for e in items]
     if all(label is not None for label in raw):
-        dtype = torch.long if task == "sst" else torch.float32
-        labels = torch.tensor(raw, dtype=dtype)
+        labels = torch.tensor(raw, dtype=spec.label_dtype)
     return TaskBatch(
         task,
         [e.id for e in items],
@@ -110,7 +110,8 @@ def example_length(example: Example) -> int:
 
 
 def _generator(seed: int, task: str, *parts: int) -> torch.Generator:
-    value = seed * 1_000_003 + TASKS.index(task) * 10_007
+    # The task's position in the table (sst 0, para 1, sts 2) keeps every task's stream apart.
+    value = seed * 1_000_003 + list(TASKS).index(task) * 10_007
     for part in parts:
         value = value * 7_919 + part
     return torch.Generator().manual_seed(value % (2**63))

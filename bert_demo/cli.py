@@ -6,6 +6,7 @@
     python -m bert_demo evaluate --run runs/quick
     python -m bert_demo predict --run runs/quick  # dev and test-student files -> CSV
     python -m bert_demo analyze --run runs/quick
+    python -m bert_demo export --run runs/quick --out exported/quick  # Hugging Face folder
     python -m bert_demo ablate --seeds 1 --preset quick --max-steps 200
     torchrun --nproc_per_node 2 -m bert_demo train --out runs/ddp   # one process per GPU
 """
@@ -15,76 +16,106 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bert_demo.config import MODES, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig, preset_config
-from bert_demo.multitask import TASKS
-
-# Flags of `train` (and `ablate`) that map one to one onto TrainConfig fields.
-_CONFIG_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--model", {"type": str, "help": "model folder or cached hub id (default: packaged MiniLM)"}),
-    ("--data", {"type": str, "help": "data folder (default: $BERT_DEMO_DATA, else ../shared/data)"}),
-    ("--seed", {"type": int}),
-    ("--epochs", {"type": int}),
-    ("--steps-per-epoch", {"type": int, "help": "default: the largest task's batches per pass"}),
-    ("--max-steps", {"type": int, "help": "stop after this many steps in all"}),
-    ("--max-train-examples", {"type": int, "help": "per task, a fixed random subset"}),
-    ("--max-eval-examples", {"type": int, "help": "per task, the first rows of each dev file"}),
-    ("--lr", {"type": float}),
-    ("--head-lr", {"type": float, "help": "learning rate of the heads (default: --lr)"}),
-    ("--weight-decay", {"type": float}),
-    ("--schedule", {"choices": SCHEDULES}),
-    ("--warmup", {"type": float, "help": "fraction of steps with linear warm-up"}),
-    ("--batch-sst", {"type": int}),
-    ("--batch-para", {"type": int}),
-    ("--batch-sts", {"type": int, "help": "before --sts-aug doubles it"}),
-    ("--max-length", {"type": int, "help": "tokens per sentence (or per pair when cross-encoded)"}),
-    ("--eval-batch-size", {"type": int}),
-    ("--length-buckets", {"type": int, "help": "batches per length-sorted window (1: off)"}),
-    ("--optimizer", {"choices": OPTIMIZERS, "help": "adamw is gradtools.AdamW"}),
-    ("--mode", {"choices": MODES, "help": "pretrain: frozen encoder, heads only"}),
-    ("--encoder-dropout", {"type": float}),
-    ("--head-dropout", {"type": float}),
-    ("--pooling", {"choices": ("mean", "cls")}),
-    ("--pair-encoding", {"choices": ("separate", "cross")}),
-    ("--para-head", {"choices": ("features", "cosine")}),
-    ("--sts-head", {"choices": ("features", "cosine")}),
-    ("--smart-lambda", {"type": float}),
-    ("--smart-epsilon", {"type": float}),
-    ("--smart-sigma", {"type": float}),
-    ("--smart-eta", {"type": float}),
-    ("--smart-steps", {"type": int}),
-    ("--bregman-mu", {"type": float}),
-    ("--log-every", {"type": int}),
-]
-_METHOD_FLAGS = (
-    ("--smart", "SMART adversarial regularization with the momentum Bregman teacher"),
-    ("--pcgrad", "PCGrad gradient surgery across the task losses"),
-    ("--sts-aug", "STS pair reversal, doubling the STS batch"),
+from bert_demo.ablate import ROWS
+from bert_demo.config import (
+    MODE_ALIASES,
+    PRESETS,
+    TrainConfig,
+    bounds_text,
+    check_value,
+    field_type,
+    preset_config,
 )
+from bert_demo.tasks import TASKS
+from bert_demo.weights import WEIGHT_CHOICES
+
+DEFAULT_PRESET = "quick"
+# The TrainConfig fields that are flags (all but the free-form notes).
+_CONFIG_FIELDS = [f for f in fields(TrainConfig) if f.metadata.get("flag", True)]
 
 
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
+def _flag(spec: Field[Any]) -> str:
+    return "--" + spec.name.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _help(spec: Field[Any]) -> str:
+    """The field's help text and its default under the default preset, then under the others."""
+
+    def value_in(preset: str) -> str:
+        value = PRESETS[preset].get(spec.name, spec.default)
+        return spec.metadata["unset"] if value is None else _shown(value)
+
+    default = f"default: {value_in(DEFAULT_PRESET)}"
+    others = [f"{name} preset: {value_in(name)}" for name in sorted(PRESETS)
+              if name != DEFAULT_PRESET and value_in(name) != value_in(DEFAULT_PRESET)]
+    return f"{spec.metadata['help']} ({'; '.join([default, *others])})".replace("%", "%%")
+
+
+def _number_parser(spec: Field[Any], kind: type) -> Callable[[str], Any]:
+    """argparse ``type=`` for a numeric field: its type, finite, within its bounds."""
+    bounds = bounds_text(spec)
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid {kind.__name__} value: {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        try:
+            check_value(spec, value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text!r}") from None
+        return value
+
+    return parse
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                        help="named settings that the other flags override (default: quick)")
-    for flag, kwargs in _CONFIG_FLAGS:
-        parser.add_argument(flag, default=None, **kwargs)
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
-                        help="tasks to train (default: all three)")
-    if methods:
-        for flag, text in _METHOD_FLAGS:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=text)
+    """One flag per TrainConfig field, typed, bounded and documented by the field's metadata."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="named settings that the other flags override "
+                        f"(default: {DEFAULT_PRESET})")
+    for spec in _CONFIG_FIELDS:
+        kind, _ = field_type(spec)
+        choices = spec.metadata.get("choices")
+        kwargs: dict[str, Any] = {"default": None, "help": _help(spec), "dest": spec.name}
+        if kind is bool:
+            if spec.metadata.get("method") and not methods:
+                continue
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            kwargs.update(nargs="+", choices=choices)
+        elif choices is not None:
+            kwargs["choices"] = choices
+            if spec.name == "mode":  # old names are accepted and mean the new ones
+                kwargs["type"] = lambda text: MODE_ALIASES.get(text, text)
+        elif kind in (int, float):
+            kwargs.update(type=_number_parser(spec, kind), metavar=kind.__name__.upper())
+        else:
+            kwargs.update(type=kind)
+        parser.add_argument(_flag(spec), **kwargs)
 
 
 def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
@@ -94,19 +125,78 @@ def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's choice)")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields given on the command line."""
     overrides = {
-        _dest(flag): getattr(args, _dest(flag))
-        for flag, _ in _CONFIG_FLAGS
-        if getattr(args, _dest(flag), None) is not None
+        spec.name: getattr(args, spec.name)
+        for spec in _CONFIG_FIELDS
+        if getattr(args, spec.name, None) is not None
     }
-    for flag, _ in _METHOD_FLAGS:
-        value = getattr(args, _dest(flag), None)
-        if value is not None:
-            overrides[_dest(flag)] = value
-    if args.tasks is not None:
-        overrides["tasks"] = tuple(args.tasks)
-    return preset_config(args.preset, **overrides)
+    if "tasks" in overrides:
+        overrides["tasks"] = tuple(overrides["tasks"])
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return preset_config(args.preset or DEFAULT_PRESET, **config_overrides(args))
+
+
+def resumed_config(saved: TrainConfig, args: argparse.Namespace) -> tuple[TrainConfig, str]:
+    """The saved settings with the flags that may change on --resume; refuses the others.
+
+    Returns the config and a line naming what changed.
+    """
+    from bert_demo.run_dir import RunDirError
+    from bert_demo.train import RESUMABLE
+
+    if args.preset is not None:
+        raise RunDirError("--resume continues with the run's saved settings; drop --preset")
+    given = config_overrides(args)
+    changed = {k: v for k, v in given.items() if getattr(saved, k) != v}
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:
+        shown = ", ".join(f"--{k.replace('_', '-')} {_shown(changed[k])} (the run has "
+                          f"{_shown(getattr(saved, k))})" for k in refused)
+        allowed = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE)
+        raise RunDirError(f"--resume keeps the run's settings; refusing {shown}. "
+                          f"Only {allowed} may change on --resume")
+    if not changed:
+        return saved, "with its saved settings"
+    applied = ", ".join(f"--{k.replace('_', '-')} {_shown(v)} (was {_shown(getattr(saved, k))})"
+                        for k, v in changed.items())
+    return saved.with_overrides(**changed), f"with {applied}"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _add_run_flags(
+    parser: argparse.ArgumentParser, eval_limit: bool = True, data: bool = True
+) -> None:
+    """--run, --weights, --no-progress, --data (and --max-eval-examples) of the commands
+    that read a trained run."""
+    parser.add_argument("--run", required=True,
+                        help="run folder (or one of its weight files or its checkpoint.pt)")
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="best",
+                        help="best: the weights of the best dev evaluation; last: those after "
+                        "the last step (default: best)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar, for logs (default: a progress bar on stderr)")
+    if not data:
+        return
+    parser.add_argument("--data", default=None,
+                        help="data folder (default: the one the run was trained on)")
+    if eval_limit:
+        parser.add_argument("--max-eval-examples", type=_positive_int, default=None,
+                            metavar="INT", help="per task, the first rows of each dev file "
+                            "(default: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,43 +210,60 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(train)
     train.add_argument("--out", default=None, help="run folder (default: runs/<preset>)")
     train.add_argument("--resume", action="store_true",
-                       help="continue the run in --out exactly where it stopped")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+                       help="continue the run in --out exactly where it stopped (default: off)")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (default: a progress bar)")
+    train.add_argument("--keep-checkpoint", action="store_true",
+                       help="keep checkpoint.pt (optimizer state included) when the run "
+                       "finishes (default: off; model.safetensors and best.safetensors stay)")
+    train.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                       help="log metrics.jsonl's scalars to RUN/tensorboard (default: on when "
+                       "the tensorboard package is installed)")
     _add_runtime_flags(train)
 
     evaluate = sub.add_parser("evaluate", help="dev metrics of a trained run")
-    evaluate.add_argument("--run", required=True, help="run folder (or its checkpoint.pt)")
-    evaluate.add_argument("--data", default=None)
-    evaluate.add_argument("--max-eval-examples", type=int, default=None)
+    _add_run_flags(evaluate)
     _add_runtime_flags(evaluate)
 
     predict = sub.add_parser("predict", help="predictions for labeled or unlabeled files, to CSV")
-    predict.add_argument("--run", required=True, help="run folder (or its checkpoint.pt)")
+    _add_run_flags(predict, eval_limit=False)
     predict.add_argument("--input", nargs="+", default=None,
-                         help="files to predict (default: every dev and test-student file)")
-    predict.add_argument("--task", choices=TASKS, default=None,
+                         help="files to predict, in the CS224N tab-separated format (as "
+                         "ids-sst-test-student.csv, quora-dev.csv; labels optional) (default: "
+                         "every dev and test-student file)")
+    predict.add_argument("--task", choices=tuple(TASKS), default=None,
                          help="task of --input (default: guessed from each file name)")
     predict.add_argument("--output", default=None,
-                         help="CSV path for one --input, else a folder (default: RUN/predictions)")
-    predict.add_argument("--data", default=None)
+                         help="CSV path for one --input, else a folder; each row holds the id, "
+                         "the predicted label and the probabilities (or unclipped score) "
+                         "(default: RUN/predictions)")
     _add_runtime_flags(predict)
 
     analyze = sub.add_parser("analyze", help="SST confusion matrix and the largest dev errors")
-    analyze.add_argument("--run", required=True, help="run folder (or its checkpoint.pt)")
+    _add_run_flags(analyze)
     analyze.add_argument("--out", default=None, help="folder for the report (default: RUN/analysis)")
-    analyze.add_argument("--top", type=int, default=10, help="errors listed per task")
-    analyze.add_argument("--data", default=None)
-    analyze.add_argument("--max-eval-examples", type=int, default=None)
+    analyze.add_argument("--top", type=_positive_int, default=10, metavar="INT",
+                         help="errors listed per task (default: 10)")
     _add_runtime_flags(analyze)
 
     ablate = sub.add_parser("ablate", help="the paper's ten ablation rows over N seeds")
     _add_config_flags(ablate, methods=False)
-    ablate.add_argument("--seeds", type=int, default=1, help="seeds per row (0, 1, ... N-1)")
-    ablate.add_argument("--rows", nargs="+", default=None,
-                        help="only these rows (names as in the table; default: all ten)")
-    ablate.add_argument("--out", default="runs/ablation", help="folder of all runs and the table")
-    ablate.add_argument("--no-progress", action="store_true")
+    ablate.add_argument("--seeds", type=int, default=1,
+                        help="seeds per row: 0, 1, ... N-1 (default: 1)")
+    ablate.add_argument("--rows", nargs="+", default=None, metavar="ROW",
+                        help="only these rows: " + ", ".join(r.slug for r in ROWS)
+                        + " (or their names as in the table; default: all ten)")
+    ablate.add_argument("--out", default="runs/ablation",
+                        help="folder of all runs and the table (default: runs/ablation)")
+    ablate.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (default: progress bars)")
     _add_runtime_flags(ablate)
+
+    export = sub.add_parser("export", help="the fine-tuned encoder as a Hugging Face folder, "
+                            "plus the task heads")
+    _add_run_flags(export, eval_limit=False, data=False)
+    export.add_argument("--out", required=True,
+                        help="new folder to write (must not exist, or be empty)")
     return parser
 
 
@@ -185,27 +292,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fail(parser, f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     from bert_demo.optim import FeatureUnavailable
-    from bert_demo.train import RunDirError
+    from bert_demo.run_dir import RunDirError
 
     if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _fail(parser, f"only 'train' runs under torchrun; run '{args.command}' as one process")
+    from bert_demo.train import TrainingDiverged
+
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except TrainingDiverged as e:
+        # Not a usage error: the settings were valid but the run failed.
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, FeatureUnavailable, RunDirError) as e:
         _fail(parser, str(e))
+    except OSError as e:  # a read-only folder, a file where a folder should be, ...
+        where = e.filename if e.filename is not None else "a file"
+        _fail(parser, f"{where}: {e.strerror or e}")
     return 2
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from bert_demo.distributed import from_env
-    from bert_demo.train import CONFIG, RunDirError, train
+    from bert_demo.run_dir import CONFIG, RunDirError, load_config
+    from bert_demo.train import train
 
     # Under torchrun: join the other processes (a no-op for a single process).
     ranks, device = from_env(args.device)
     try:
-        out = Path(args.out or f"runs/{args.preset}")
+        out = Path(args.out or f"runs/{args.preset or DEFAULT_PRESET}")
         if args.resume:
 
             def saved_config() -> TrainConfig:
@@ -213,18 +330,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     raise RunDirError(
                         f"--resume: {out} holds no run to resume ({CONFIG} is missing)"
                     )
-                return TrainConfig.load(out / CONFIG)
+                return load_config(out / CONFIG)
 
-            config = ranks.on_main(saved_config)  # rank 0's disk is the one that counts
+            # rank 0's disk is the one that counts
+            config, how = resumed_config(ranks.on_main(saved_config), args)
             if ranks.is_main:
-                print(f"resuming {out} with its saved settings")
+                print(f"resuming {out} {how}")
         else:
             config = config_from_args(args)
         final = train(config, out, resume=args.resume, device=device,
-                      progress=not args.no_progress, ranks=ranks)
+                      progress=not args.no_progress, ranks=ranks,
+                      keep_checkpoint=args.keep_checkpoint, tensorboard=args.tensorboard)
         if ranks.is_main:
-            print(json.dumps({"out": str(out), "wall_s": final["wall_s"], **final["dev"]},
-                             indent=2))
+            best = final.get("best") or {}  # runs before best weights have none
+            print(json.dumps({"out": str(out), "wall_s": final["wall_s"], **final["dev"],
+                              "best_step": best.get("step")}, indent=2))
     except BaseException:
         ranks.shutdown(together=False)
         raise
@@ -233,27 +353,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from bert_demo.data import find_data_dir
-    from bert_demo.datasets import DEV_FILES, load_split
+    from bert_demo.data import find_data_dir, load_split, require_rows
     from bert_demo.evaluate import evaluate
-    from bert_demo.train import load_trained, resolve_device
+    from bert_demo.run_dir import load_run, resolve_device, write_json
+    from bert_demo.tasks import get_task
 
     device = resolve_device(args.device)
-    model, tokenizer, config = load_trained(args.run, device)
+    trained = load_run(args.run, device, args.weights)
+    model, config = trained.model, trained.config
     data_dir = find_data_dir(args.data if args.data is not None else config.data)
-    dev = load_split(data_dir, TASKS, DEV_FILES, args.max_eval_examples, random_subset=False)
-    metrics = evaluate(model, dev, tokenizer, config.max_length, config.eval_batch_size, device)
+    tasks = tuple(model.heads)
+    dev = load_split(data_dir, tasks, "dev", args.max_eval_examples, random_subset=False)
+    require_rows(data_dir, "dev", dev, args.max_eval_examples)
+    metrics = evaluate(model, dev, trained.tokenizer, config.max_length, config.eval_batch_size,
+                       device, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
     run = Path(args.run)
     if run.is_dir():
-        (run / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        # The metrics, and what they were measured on: which weights, which rows.
+        write_json(run / "eval.json", {
+            **metrics,
+            "step": trained.step,
+            "weights": trained.weights_file.name,
+            "examples": {t: len(dev[t]) for t in tasks},
+            "data_files": {t: str(data_dir / get_task(t).file_name("dev")) for t in tasks},
+        })
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from bert_demo.predict import predict_files
 
-    written = predict_files(args.run, args.input, args.task, args.output, args.data, args.device)
+    written = predict_files(args.run, args.input, args.task, args.output, args.data, args.device,
+                            args.weights, progress=not args.no_progress)
     for path, rows in written:
         print(f"{path}: {rows} rows")
     return 0
@@ -262,18 +394,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from bert_demo.analyze import analyze
 
-    report = analyze(args.run, args.out, args.top, args.data, args.max_eval_examples, args.device)
+    report = analyze(args.run, args.out, args.top, args.data, args.max_eval_examples, args.device,
+                     args.weights, progress=not args.no_progress)
     print(f"wrote {report}")
     return 0
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from bert_demo.ablate import run_ablation
+    from bert_demo.train import train
 
     base = config_from_args(args)
     table = run_ablation(base, Path(args.out), args.seeds, rows=args.rows, device=args.device,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, train=train)
     print(table.read_text())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from bert_demo.export import export_run
+
+    out = export_run(args.run, args.out, args.weights)
+    print(f"wrote {out}")
     return 0
 
 
@@ -283,6 +425,7 @@ _COMMANDS = {
     "predict": _cmd_predict,
     "analyze": _cmd_analyze,
     "ablate": _cmd_ablate,
+    "export": _cmd_export,
 }
 
 

@@ -7,97 +7,128 @@ the preset, which overrides the defaults below.
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+import math
+import types
+import typing
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
-from bert_demo.multitask import TASKS, HeadSettings
+from bert_demo.multitask import HeadSettings
+from bert_demo.tasks import PAPER_TASKS, TASKS, get_task
 
 OPTIMIZERS = ("adamw", "torch-adamw", "lamb", "radam")
-MODES = ("finetune", "pretrain")
+MODES = ("finetune", "frozen")
+# Older names still accepted (runs saved before the rename say "pretrain").
+MODE_ALIASES = {"pretrain": "frozen"}
 SCHEDULES = ("constant", "linear")
+POOLINGS = ("mean", "cls")
+PAIR_ENCODINGS = ("separate", "cross")
+PAIR_HEADS = ("features", "cosine")
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    method: bool = False,
+    flag: bool = True,
+    unset: str | None = None,
+) -> Any:
+    """A TrainConfig field with its help text and valid values, read by the CLI and checks.
+
+    ``ge``/``gt``/``lt`` bound a number (which must also be finite); ``method``
+    marks the paper's on/off methods (``ablate`` sets those per row); ``flag=False``
+    keeps a field off the command line; ``unset`` says what a None default means.
+    """
+    metadata = {"help": help, "choices": choices, "ge": ge, "gt": gt, "lt": lt,
+                "method": method, "flag": flag, "unset": unset}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train on
-    model: str | None = None  # None: the packaged MiniLM-L6-H384
-    data: str | None = None  # None: $BERT_DEMO_DATA, else ../shared/data
-    tasks: tuple[str, ...] = TASKS
-    mode: str = "finetune"  # finetune: everything trains; pretrain: frozen encoder, heads only
+    model: str | None = setting(None, "model folder or cached hub id",
+                                unset="the packaged MiniLM-L6-H384")
+    data: str | None = setting(None, "data folder", unset="$BERT_DEMO_DATA, else ../shared/data")
+    tasks: tuple[str, ...] = setting(PAPER_TASKS, "tasks to train", choices=tuple(TASKS))
+    mode: str = setting("finetune", "finetune: everything trains; frozen: frozen encoder, "
+                        "heads only ('pretrain' is accepted as an old name)", choices=MODES)
     # the paper's three methods
-    smart: bool = False
-    pcgrad: bool = False
-    sts_aug: bool = False
+    smart: bool = setting(False, "SMART adversarial regularization with the momentum Bregman "
+                          "teacher", method=True)
+    pcgrad: bool = setting(False, "PCGrad gradient surgery across the task losses", method=True)
+    sts_aug: bool = setting(False, "STS pair reversal, doubling the STS batch", method=True)
     # optimisation
-    optimizer: str = "adamw"
-    lr: float = 1e-5
-    head_lr: float | None = None  # None: same as lr
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup: float = 0.0  # fraction of all steps with a linear warm-up
-    epochs: int = 10
-    steps_per_epoch: int | None = None  # None: the largest task's batches per pass over its data
-    max_steps: int | None = None  # stop after this many steps in all (overrides epochs)
-    batch_sst: int = 2
-    batch_para: int = 20
-    batch_sts: int = 2
-    max_length: int = 128
-    length_buckets: int = 50  # sort windows of this many batches by length (1: off)
-    max_train_examples: int | None = None  # per task, a fixed random subset
-    max_eval_examples: int | None = None  # per task, the first rows of each dev file
-    eval_batch_size: int = 64
+    optimizer: str = setting("adamw", "optimizer (adamw is gradtools.AdamW)", choices=OPTIMIZERS)
+    lr: float = setting(1e-5, "learning rate of the encoder", gt=0)
+    head_lr: float | None = setting(None, "learning rate of the heads", gt=0, unset="--lr")
+    weight_decay: float = setting(0.0, "decoupled weight decay", ge=0)
+    schedule: str = setting("constant", "learning-rate schedule", choices=SCHEDULES)
+    warmup: float = setting(0.0, "fraction of all steps with a linear warm-up", ge=0, lt=1)
+    epochs: int = setting(10, "passes over the largest task", ge=1)
+    steps_per_epoch: int | None = setting(
+        None, "steps per epoch", ge=1, unset="the largest task's batches per pass")
+    max_steps: int | None = setting(
+        None, "stop after this many steps in all (overrides epochs)", ge=1, unset="no limit")
+    batch_sst: int = setting(2, "SST batch size", ge=1)
+    batch_para: int = setting(20, "Quora batch size", ge=1)
+    batch_sts: int = setting(2, "STS batch size, before --sts-aug doubles it", ge=1)
+    batch_cfimdb: int = setting(8, "CFIMDB batch size (when trained)", ge=1)
+    max_length: int = setting(128, "tokens per sentence (or per pair when cross-encoded)", ge=1)
+    length_buckets: int = setting(
+        50, "sort windows of this many batches by length (1: off)", ge=1)
+    max_train_examples: int | None = setting(
+        None, "per task, a fixed random subset of the training rows", ge=1, unset="all")
+    max_eval_examples: int | None = setting(
+        None, "per task, the first rows of each dev file", ge=1, unset="all")
+    eval_batch_size: int = setting(64, "batch size of evaluation", ge=1)
     # model
-    encoder_dropout: float = 0.1
-    pooling: str = "cls"
-    pair_encoding: str = "separate"
-    para_head: str = "features"
-    sts_head: str = "cosine"
-    head_dropout: float = 0.3
+    encoder_dropout: float = setting(0.1, "dropout inside the encoder", ge=0, lt=1)
+    pooling: str = setting(HeadSettings.pooling, "sentence vector: BERT's [CLS] pooler or the "
+                           "masked mean", choices=POOLINGS)
+    pair_encoding: str = setting(HeadSettings.pair_encoding, "encode the two sentences of a "
+                                 "pair apart or as one sequence", choices=PAIR_ENCODINGS)
+    para_head: str = setting(HeadSettings.para_head, "Quora head in separate mode",
+                             choices=PAIR_HEADS)
+    sts_head: str = setting(HeadSettings.sts_head, "STS head in separate mode",
+                            choices=PAIR_HEADS)
+    head_dropout: float = setting(HeadSettings.head_dropout, "dropout before the heads",
+                                  ge=0, lt=1)
     # SMART (Jiang et al. 2020), the paper's settings
-    smart_lambda: float = 5.0
-    smart_epsilon: float = 1e-4
-    smart_sigma: float = 1e-4
-    smart_eta: float = 1e-2
-    smart_steps: int = 1
-    bregman_mu: float = 1.0
+    smart_lambda: float = setting(5.0, "weight of SMART's adversarial term", ge=0)
+    smart_epsilon: float = setting(1e-4, "radius of the perturbation ball", gt=0)
+    smart_sigma: float = setting(1e-4, "std of the initial perturbation noise", ge=0)
+    smart_eta: float = setting(1e-2, "step size of the adversarial ascent", gt=0)
+    smart_steps: int = setting(1, "adversarial ascent steps", ge=1)
+    bregman_mu: float = setting(1.0, "weight of the Bregman proximal term (0: no teacher)", ge=0)
     # bookkeeping
-    seed: int = 0
-    log_every: int = 20
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. ablation row)
+    seed: int = setting(0, "random seed", ge=0)
+    log_every: int = setting(20, "steps per metrics.jsonl record", ge=1)
+    # free-form notes (e.g. the ablation row); not a flag
+    extra: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "free-form notes", "flag": False, "choices": None,
+        "ge": None, "gt": None, "lt": None})
 
     def __post_init__(self) -> None:
+        if self.mode in MODE_ALIASES:
+            object.__setattr__(self, "mode", MODE_ALIASES[self.mode])
+        for spec in fields(self):
+            check_value(spec, getattr(self, spec.name))
         for task in self.tasks:
-            if task not in TASKS:
-                raise ValueError(f"tasks: unknown task {task!r}; choose from {TASKS}")
+            get_task(task)
         if not self.tasks:
             raise ValueError("tasks: at least one task is needed")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks: {self.tasks} names a task twice")
-        _choice("mode", self.mode, MODES)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        for name in ("epochs", "batch_sst", "batch_para", "batch_sts", "max_length",
-                     "eval_batch_size", "smart_steps", "log_every", "length_buckets"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps_per_epoch", "max_steps", "max_train_examples", "max_eval_examples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
-        if self.lr <= 0 or (self.head_lr is not None and self.head_lr <= 0):
-            raise ValueError("lr and head_lr must be > 0")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-        if not 0.0 <= self.encoder_dropout < 1.0:
-            raise ValueError(f"encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
         if self.pcgrad and len(self.tasks) < 2:
             raise ValueError("pcgrad needs at least two tasks (it resolves conflicts between them)")
         if self.sts_aug and "sts" not in self.tasks:
             raise ValueError("sts_aug needs the sts task")
-        self.head_settings()  # validates pooling, pair_encoding, heads, head_dropout
 
     def head_settings(self) -> HeadSettings:
         return HeadSettings(
@@ -109,7 +140,8 @@ class TrainConfig:
         )
 
     def batch_size(self, task: str) -> int:
-        return {"sst": self.batch_sst, "para": self.batch_para, "sts": self.batch_sts}[task]
+        value: int = getattr(self, get_task(task).batch_setting)
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -123,37 +155,78 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training setting(s): {unknown}")
         values = dict(values)
-        if "tasks" in values:
+        if isinstance(values.get("tasks"), list):
             values["tasks"] = tuple(values["tasks"])
         return cls(**values)
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> TrainConfig:
-        try:
-            values = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
-        return cls.from_dict(values)
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:
         return replace(self, **overrides)
 
 
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+def field_type(spec: Field[Any]) -> tuple[type, bool]:
+    """(the value type, whether None is allowed) of a TrainConfig field."""
+    hint = _HINTS[spec.name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner, True
+    origin = typing.get_origin(hint)
+    return (origin if origin is not None else hint), False
+
+
+def bounds_text(spec: Field[Any]) -> str:
+    """``> 0``, ``in [0, 1)``, ... for a numeric field ('' when unbounded)."""
+    meta = spec.metadata
+    low = f"[{meta['ge']:g}" if meta["ge"] is not None else (
+        f"({meta['gt']:g}" if meta["gt"] is not None else None)
+    if meta["lt"] is not None:
+        return f"in {low or '(-inf'}, {meta['lt']:g})"
+    if meta["ge"] is not None:
+        return f">= {meta['ge']:g}"
+    if meta["gt"] is not None:
+        return f"> {meta['gt']:g}"
+    return ""
+
+
+def check_value(spec: Field[Any], value: Any) -> None:
+    """Raise ValueError naming the field when ``value`` has the wrong type or range."""
+    kind, optional = field_type(spec)
+    if value is None and optional:
+        return
+    name = spec.name
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        expected = {float: "a number", int: "an integer", str: "a string", bool: "true or false",
+                    tuple: "a list", dict: "a mapping"}.get(kind, kind.__name__)
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    meta = spec.metadata
+    choices = meta.get("choices")
+    if choices is not None:
+        for item in value if kind is tuple else (value,):
+            if item not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {item!r}")
+    if kind in (int, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        too_low = (meta["ge"] is not None and value < meta["ge"]) or (
+            meta["gt"] is not None and value <= meta["gt"])
+        too_high = meta["lt"] is not None and value >= meta["lt"]
+        if too_low or too_high:
+            raise ValueError(f"{name} must be {bounds_text(spec)}, got {value!r}")
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
 
 
 # The report's settings: lr 1e-5, dropout 0.1 (encoder) / 0.3 (heads), batch sizes
 # 2/20/2 (stsAug doubles STS to 4), 10 epochs, SMART lambda 5, eps 1e-4, sigma 1e-4,
 # mu 1, eta 1e-2. An epoch is one pass over the largest task's batches.
-PAPER: dict[str, Any] = {
+PAPER_PRESET: dict[str, Any] = {
     "lr": 1e-5,
     "encoder_dropout": 0.1,
     "head_dropout": 0.3,
@@ -173,7 +246,7 @@ PAPER: dict[str, Any] = {
 # Sized for a 2-core CPU with the packaged MiniLM: 534 steps (two passes over SST)
 # and two dev evaluations took 21 CPU-minutes (21 min wall on a 2-core box shared
 # with other jobs, one thread); the measured scores are in the README.
-QUICK: dict[str, Any] = {
+QUICK_PRESET: dict[str, Any] = {
     "lr": 1.5e-4,
     "head_lr": 1e-3,
     "encoder_dropout": 0.1,
@@ -190,7 +263,7 @@ QUICK: dict[str, Any] = {
     "weight_decay": 0.01,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER, "quick": QUICK}
+PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER_PRESET, "quick": QUICK_PRESET}
 
 
 def preset_config(name: str, **overrides: Any) -> TrainConfig:

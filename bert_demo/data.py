@@ -16,8 +16,11 @@ written: STS sentences such as ``"He said ""yes""."`` decode to ``He said
 Quora and CFIMDB texts were quoted twice upstream, so after decoding they still
 hold some doubled quotes; we keep the text as the files define it.)
 
-A malformed row raises :class:`DataFormatError` naming the file and line. The
-one exception is an empty label cell: the real quora-train.csv has one (line
+A malformed row raises :class:`DataFormatError` naming the file and line (bytes
+that are not UTF-8, a field over the csv module's size limit included). An empty
+sentence is an error by default; ``empty_text="keep"`` keeps it (prediction
+answers every row) and ``"skip"`` drops it with a warning (training). The
+other exception is an empty label cell: the real quora-train.csv has one (line
 15624), the official 141k-pair file has a few, and the CS224N starter code
 skipped them, so by default such a row is skipped with a warning
 (``missing_label="error"`` makes it an error instead).
@@ -28,26 +31,34 @@ from __future__ import annotations
 import csv
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
+import torch
+
+from bert_demo.tasks import Task, get_task
+
 __all__ = [
-    "TASKS",
     "DataFormatError",
+    "Example",
     "PairExample",
     "SentenceExample",
     "find_data_dir",
+    "load_split",
     "read_pairs",
     "read_sentences",
     "read_task",
+    "read_task_file",
+    "require_rows",
     "reverse_pairs",
+    "subset",
     "task_file",
 ]
 
-TaskName = Literal["sst", "cfimdb", "quora", "sts"]
 Split = Literal["train", "dev", "test-student"]
+SPLITS = ("train", "dev", "test-student")
 
 
 class DataFormatError(ValueError):
@@ -73,71 +84,58 @@ class PairExample:
     label: float | None
 
 
-@dataclass(frozen=True)
-class _TaskFormat:
-    file_prefix: str  # file name = f"{file_prefix}-{split}.csv"
-    text_columns: tuple[str, ...]
-    label_column: str
-    parse_label: Callable[[str], float]  # raises ValueError with a readable reason
+Example = SentenceExample | PairExample
 
 
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"label {text!r} is not a number") from None
+EmptyText = Literal["error", "skip", "keep"]
 
 
-def _parse_class(low: int, high: int) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = _number(text)  # accepts "3" and "3.0"
-        if not value.is_integer() or not low <= value <= high:
-            raise ValueError(f"label {text!r} is not an integer class in {low}..{high}")
-        return int(value)
-
-    return parse
-
-
-def _parse_score(low: float, high: float) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = _number(text)
-        if not low <= value <= high:  # also rejects nan
-            raise ValueError(f"label {text!r} is outside [{low}, {high}]")
-        return value
-
-    return parse
+def _undecodable_line(path: Path) -> int:
+    """The first line of ``path`` that is not UTF-8 (the text reader decodes ahead in blocks)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 1
 
 
-TASKS: dict[str, _TaskFormat] = {
-    "sst": _TaskFormat("ids-sst", ("sentence",), "sentiment", _parse_class(0, 4)),
-    "cfimdb": _TaskFormat("ids-cfimdb", ("sentence",), "sentiment", _parse_class(0, 1)),
-    # Quora labels are written 0.0 / 1.0; read_pairs returns them as floats (BCE targets).
-    "quora": _TaskFormat("quora", ("sentence1", "sentence2"), "is_duplicate", _parse_class(0, 1)),
-    "sts": _TaskFormat("sts", ("sentence1", "sentence2"), "similarity", _parse_score(0.0, 5.0)),
-}
-
-
-def _task_format(task: str) -> _TaskFormat:
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
-    return TASKS[task]
+def _csv_rows(path: Path, f: Iterable[str]) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each row; a row the csv module cannot read names its line."""
+    reader = csv.reader(f, delimiter="\t")
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataFormatError(f"{path}:{reader.line_num}: {e}") from None
+        except UnicodeDecodeError as e:
+            raise DataFormatError(
+                f"{path}:{_undecodable_line(path)}: not UTF-8 text ({e.reason})"
+            ) from None
+        yield reader.line_num, row
 
 
 def _read_rows(
     path: Path,
-    fmt: _TaskFormat,
+    fmt: Task,
     labeled: bool | None,
     missing_label: Literal["skip", "error"],
+    empty_text: EmptyText = "error",
 ) -> list[tuple[str, list[str], float | None]]:
     """Parse a file into (id, texts, label) rows, validating every row."""
     if missing_label not in ("skip", "error"):
         raise ValueError(f"missing_label must be 'skip' or 'error', got {missing_label!r}")
+    if empty_text not in ("error", "skip", "keep"):
+        raise ValueError(f"empty_text must be 'error', 'skip' or 'keep', got {empty_text!r}")
     rows: list[tuple[str, list[str], float | None]] = []
-    skipped: list[int] = []
+    skipped: dict[str, list[int]] = {}  # reason -> lines
     with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t")
+        lines = _csv_rows(path, f)
         try:
-            header = next(reader)
+            _, header = next(lines)
         except StopIteration:
             raise DataFormatError(f"{path}:1: empty file, expected a header row") from None
         for name in ("id", *fmt.text_columns):
@@ -155,22 +153,25 @@ def _read_rows(
         text_cols = [header.index(name) for name in fmt.text_columns]
         label_col = header.index(fmt.label_column) if with_label else None
 
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
+        for line, row in lines:
+            where = f"{path}:{line}"
             if len(row) != len(header):
                 raise DataFormatError(
                     f"{where}: expected {len(header)} tab-separated fields like the header, "
                     f"found {len(row)}"
                 )
             texts = [row[c].strip() for c in text_cols]
-            for name, text in zip(fmt.text_columns, texts, strict=True):
-                if not text:
-                    raise DataFormatError(f"{where}: empty {name!r}")
+            empty = [name for name, text in zip(fmt.text_columns, texts, strict=True) if not text]
+            if empty and empty_text == "error":
+                raise DataFormatError(f"{where}: empty {empty[0]!r}")
+            if empty and empty_text == "skip":
+                skipped.setdefault(f"an empty {empty[0]!r}", []).append(line)
+                continue
             label: float | None = None
             if label_col is not None:
                 cell = row[label_col].strip()
                 if not cell and missing_label == "skip":
-                    skipped.append(reader.line_num)
+                    skipped.setdefault(f"an empty {fmt.label_column!r} label", []).append(line)
                     continue
                 try:
                     label = fmt.parse_label(cell)
@@ -178,50 +179,63 @@ def _read_rows(
                     raise DataFormatError(f"{where}: {e}") from None
             rows.append((row[id_col].strip(), texts, label))
     if skipped:
-        shown = ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else "")
-        warnings.warn(
-            f"{path}: skipped {len(skipped)} row(s) with an empty {fmt.label_column!r} "
-            f"label (line {shown})",
-            stacklevel=3,
-        )
+        _warn_skipped(path, skipped)
     return rows
+
+
+def _warn_skipped(path: Path, skipped: dict[str, list[int]]) -> None:
+    """One warning per file, located at the data file's first skipped line (not at our code)."""
+
+    def lines(numbers: list[int]) -> str:
+        return ", ".join(map(str, numbers[:10])) + (" ..." if len(numbers) > 10 else "")
+
+    parts = [f"{len(numbers)} row(s) with {reason} (line {lines(numbers)})"
+             for reason, numbers in skipped.items()]
+    first = min(n for numbers in skipped.values() for n in numbers)
+    warnings.warn_explicit(
+        f"{path}: skipped " + "; ".join(parts), UserWarning, str(path), first
+    )
 
 
 def read_sentences(
     path: str | os.PathLike[str],
-    task: Literal["sst", "cfimdb"] = "sst",
+    task: str = "sst",
     *,
     labeled: bool | None = None,
     missing_label: Literal["skip", "error"] = "skip",
+    empty_text: EmptyText = "error",
 ) -> list[SentenceExample]:
     """Read an SST or CFIMDB file.
 
     ``labeled=None`` follows the header (test-student files have no label
     column); ``True`` demands a label column, ``False`` ignores it.
+    ``empty_text``: a row with an empty sentence is an error, skipped (with one
+    warning naming the lines) or kept (an empty sentence is valid input).
     """
-    fmt = _task_format(task)
-    if len(fmt.text_columns) != 1:
+    fmt = get_task(task)
+    if fmt.pairs:
         raise ValueError(f"task {task!r} holds sentence pairs; use read_pairs")
     return [
         SentenceExample(id_, texts[0], None if label is None else int(label))
-        for id_, texts, label in _read_rows(Path(path), fmt, labeled, missing_label)
+        for id_, texts, label in _read_rows(Path(path), fmt, labeled, missing_label, empty_text)
     ]
 
 
 def read_pairs(
     path: str | os.PathLike[str],
-    task: Literal["quora", "sts"] = "sts",
+    task: str = "sts",
     *,
     labeled: bool | None = None,
     missing_label: Literal["skip", "error"] = "skip",
+    empty_text: EmptyText = "error",
 ) -> list[PairExample]:
     """Read a Quora or STS file (see :func:`read_sentences` for ``labeled``)."""
-    fmt = _task_format(task)
-    if len(fmt.text_columns) != 2:
+    fmt = get_task(task)
+    if not fmt.pairs:
         raise ValueError(f"task {task!r} holds single sentences; use read_sentences")
     return [
         PairExample(id_, texts[0], texts[1], None if label is None else float(label))
-        for id_, texts, label in _read_rows(Path(path), fmt, labeled, missing_label)
+        for id_, texts, label in _read_rows(Path(path), fmt, labeled, missing_label, empty_text)
     ]
 
 
@@ -229,16 +243,16 @@ def read_task(
     path: str | os.PathLike[str], task: str, **kwargs: bool | str | None
 ) -> list[SentenceExample] | list[PairExample]:
     """Read any task's file: :func:`read_sentences` or :func:`read_pairs` by task name."""
-    if len(_task_format(task).text_columns) == 1:
-        return read_sentences(path, task, **kwargs)  # type: ignore[arg-type]
-    return read_pairs(path, task, **kwargs)  # type: ignore[arg-type]
+    if get_task(task).pairs:
+        return read_pairs(path, task, **kwargs)  # type: ignore[arg-type]
+    return read_sentences(path, task, **kwargs)  # type: ignore[arg-type]
 
 
 def task_file(data_dir: str | os.PathLike[str], task: str, split: str) -> Path:
     """Path of a task's split, e.g. ``task_file(d, "sst", "dev")`` -> ``d/ids-sst-dev.csv``."""
-    if split not in ("train", "dev", "test-student"):
+    if split not in SPLITS:
         raise ValueError(f"split must be 'train', 'dev' or 'test-student', got {split!r}")
-    path = Path(data_dir) / f"{_task_format(task).file_prefix}-{split}.csv"
+    path = Path(data_dir) / get_task(task).file_name(split)
     if not path.is_file():
         raise FileNotFoundError(f"no {task} {split} file: {path} does not exist")
     return path
@@ -279,3 +293,66 @@ def reverse_pairs(examples: Sequence[PairExample]) -> list[PairExample]:
     """
     swapped = [replace(e, sentence1=e.sentence2, sentence2=e.sentence1) for e in examples]
     return [*examples, *swapped]
+
+
+def read_task_file(
+    task: str,
+    path: str | os.PathLike[str],
+    labeled: bool | None = None,
+    empty_text: EmptyText = "keep",
+) -> list[Example]:
+    """Read a file of ``task``; ``labeled=None`` follows the file's header.
+
+    Rows with an empty sentence are kept by default: prediction answers every row.
+    """
+    get_task(task)  # an unknown task is named before a missing file
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{task} data file {path} does not exist")
+    return list(read_task(path, task, labeled=labeled, empty_text=empty_text))
+
+
+def subset(examples: list[Example], limit: int | None) -> list[Example]:
+    """A fixed random subset of ``limit`` rows (seed 0, file order kept), the same for every run."""
+    if limit is None or limit >= len(examples):
+        return examples
+    generator = torch.Generator().manual_seed(0)
+    keep = sorted(torch.randperm(len(examples), generator=generator)[:limit].tolist())
+    return [examples[i] for i in keep]
+
+
+def load_split(
+    data_dir: Path, tasks: Sequence[str], split: Split, limit: int | None,
+    random_subset: bool,
+) -> dict[str, list[Example]]:
+    """The labeled ``split`` of each task: a fixed random subset, or the first ``limit`` rows.
+
+    Training skips rows with an empty sentence (one warning per file names them);
+    evaluation keeps them, as prediction does.
+    """
+    loaded: dict[str, list[Example]] = {}
+    empty_text: EmptyText = "skip" if split == "train" else "keep"
+    for task in tasks:
+        path = Path(data_dir) / get_task(task).file_name(split)
+        examples = read_task_file(task, path, labeled=True, empty_text=empty_text)
+        loaded[task] = subset(examples, limit) if random_subset else examples[:limit]
+    return loaded
+
+
+def require_rows(
+    data_dir: Path, split: Split, loaded: dict[str, list[Example]], limit: int | None = None
+) -> None:
+    """Refuse a split a run cannot use: no training rows, fewer dev rows than a metric needs."""
+    for task, examples in loaded.items():
+        spec = get_task(task)
+        path = Path(data_dir) / spec.file_name(split)
+        if split == "train":
+            if not examples:
+                raise DataFormatError(f"{path}: no training rows")
+            continue
+        if len(examples) < spec.min_eval_examples:
+            shown = f" (--max-eval-examples {limit})" if limit is not None else ""
+            raise DataFormatError(
+                f"{path}: {len(examples)} dev row(s){shown}; "
+                f"{spec.metric_name} needs at least {spec.min_eval_examples}"
+            )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -40,10 +41,10 @@ __all__ = [
     "BertOutput",
     "CheckpointError",
     "convert_hf_state_dict",
-    "count_parameters",
     "load_pretrained",
     "read_checkpoint_weights",
     "resolve_model_path",
+    "to_hf_state_dict",
 ]
 
 
@@ -98,13 +99,6 @@ class BertConfig:
             )
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike[str]) -> BertConfig:
-        """Read a HuggingFace config.json."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
-
 
 def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
@@ -348,18 +342,40 @@ def convert_hf_state_dict(hf_state: Mapping[str, Tensor], num_layers: int) -> di
     return converted
 
 
+def to_hf_state_dict(state: Mapping[str, Tensor], num_layers: int) -> dict[str, Tensor]:
+    """The inverse of :func:`convert_hf_state_dict`: our names -> HuggingFace ``BertModel`` names.
+
+    The fused q/k/v projection is split back into its three equal parts.
+    """
+    hf_state: dict[str, Tensor] = {}
+    for ours, hf in _hf_names(num_layers).items():
+        if isinstance(hf, str):
+            hf_state[hf] = state[ours]
+        else:
+            for name, part in zip(hf, state[ours].chunk(len(hf)), strict=True):
+                hf_state[name] = part
+    return {k: v.detach().cpu().contiguous() for k, v in hf_state.items()}
+
+
 def read_checkpoint_weights(folder: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Read model.safetensors, else pytorch_model.bin (``weights_only=True``), from a folder."""
     folder = Path(folder)
     safetensors_path = folder / "model.safetensors"
     if safetensors_path.is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(safetensors_path, device="cpu")
+        try:
+            return load_file(safetensors_path, device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{safetensors_path}: not a readable safetensors file ({e})") from None
     bin_path = folder / "pytorch_model.bin"
     if bin_path.is_file():
         # weights_only: a checkpoint must not be able to run code on load.
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+            raise CheckpointError(f"{bin_path}: not a readable weights file ({e})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{bin_path} does not hold a state dict")
         return state
@@ -438,12 +454,22 @@ def load_pretrained(
     ``config_overrides`` replace config.json values, e.g. ``hidden_dropout_prob=0.1``.
     """
     folder = resolve_model_path(source)
-    with open(folder / "config.json", encoding="utf-8") as f:
-        values = json.load(f)
+    config_path = folder / "config.json"
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{config_path}: not UTF-8 text ({e.reason})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
     unknown = set(config_overrides) - {fl.name for fl in fields(BertConfig)}
     if unknown:
         raise TypeError(f"unknown config override(s): {sorted(unknown)}")
-    config = BertConfig.from_dict({**values, **config_overrides})
+    try:
+        config = BertConfig.from_dict({**values, **config_overrides})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
     model = BertModel(config)
     weights = convert_hf_state_dict(read_checkpoint_weights(folder), config.num_hidden_layers)
     expected = model.state_dict()
@@ -459,8 +485,3 @@ def load_pretrained(
     # Cast to the model's float32 parameters (checkpoints may be stored in half precision).
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters (for logs)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

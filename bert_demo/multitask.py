@@ -1,10 +1,9 @@
-"""Three task heads on one shared minBERT encoder.
+"""One head per task on one shared minBERT encoder.
 
-Tasks (names used everywhere in bert_demo):
-
-    sst   SST-5 sentiment: dropout + linear over the sentence vector -> 5 logits, cross-entropy
-    para  Quora paraphrase: the two questions combined -> one logit, binary cross-entropy
-    sts   STS-B similarity: the two sentences combined -> one score on 0..5, squared error
+The tasks (their outputs, losses and predictions) are described in
+:mod:`bert_demo.tasks`. A single-sentence task gets dropout + linear over the
+sentence vector; a pair task combines the two sentences' vectors (or reads the
+joint sequence when cross-encoded).
 
 Pairs are encoded either *separately* (the paper's choice, Sentence-BERT style: each
 sentence runs through the encoder alone and a head combines the two vectors) or
@@ -21,18 +20,16 @@ The forward pass splits at the embeddings, as SMART needs::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bert_demo.model import BertModel
-
-TASKS: tuple[str, ...] = ("sst", "para", "sts")
-NUM_SENTIMENT_CLASSES = 5
-STS_MAX = 5.0
+from bert_demo.tasks import PAPER_TASKS, TASKS, Task, get_task
 
 Pooling = Literal["mean", "cls"]
 PairEncoding = Literal["separate", "cross"]
@@ -41,9 +38,12 @@ PairHeadKind = Literal["cosine", "features"]
 
 @dataclass(frozen=True)
 class HeadSettings:
-    """How the heads read the encoder; saved with every checkpoint to rebuild the model."""
+    """How the heads read the encoder; saved with every checkpoint to rebuild the model.
 
-    pooling: Pooling = "mean"  # masked mean of the last layer, or BERT's tanh pooler at [CLS]
+    These defaults are also :class:`bert_demo.config.TrainConfig`'s.
+    """
+
+    pooling: Pooling = "cls"  # BERT's tanh pooler at [CLS], or the masked mean of the last layer
     pair_encoding: PairEncoding = "separate"
     para_head: PairHeadKind = "features"  # separate mode only
     sts_head: PairHeadKind = "cosine"  # separate mode only
@@ -57,15 +57,15 @@ class HeadSettings:
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
 
+    def pair_head(self, task: str) -> PairHeadKind:
+        """The separate-mode head of a pair task (features for a task with no setting)."""
+        kinds: dict[str, PairHeadKind] = {"para": self.para_head, "sts": self.sts_head}
+        return kinds.get(task, "features")
+
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; tasks are {TASKS}")
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -117,51 +117,43 @@ class CrossHead(nn.Module):
         return self.linear(self.dropout(pooled)).squeeze(-1)
 
 
-def _pair_head(kind: PairHeadKind, task: str, hidden: int, dropout: float) -> nn.Module:
-    if kind == "features":
+def _head(task: Task, settings: HeadSettings, hidden: int) -> nn.Module:
+    dropout = settings.head_dropout
+    if not task.pairs:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, task.num_outputs))
+    if settings.pair_encoding == "cross":
+        return CrossHead(hidden, dropout, bias=task.cross_bias)
+    if settings.pair_head(task.name) == "features":
         return FeatureHead(hidden, dropout)
-    # Initial scale/shift put an untrained cosine in the label's range: STS scores
-    # 0..5 from cosines that mostly lie in 0..1; Quora's logit crosses 0 near cos 0.7.
-    if task == "sts":
-        return CosineHead(scale=STS_MAX, shift=0.0)
-    return CosineHead(scale=10.0, shift=-7.0)
+    # The initial scale/shift put an untrained cosine in the label's range.
+    return CosineHead(*task.cosine_init)
 
 
 class MultitaskBert(nn.Module):
-    """A shared :class:`BertModel` encoder with the sst, para and sts heads."""
+    """A shared :class:`BertModel` encoder with one head per task (``heads[task]``)."""
 
-    def __init__(self, encoder: BertModel, settings: HeadSettings | None = None) -> None:
+    def __init__(
+        self,
+        encoder: BertModel,
+        settings: HeadSettings | None = None,
+        tasks: Sequence[str] = PAPER_TASKS,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.settings = settings or HeadSettings()
         hidden = encoder.config.hidden_size
-        dropout = self.settings.head_dropout
-        self.sst_head = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(hidden, NUM_SENTIMENT_CLASSES)
+        self.heads = nn.ModuleDict(
+            {name: _head(get_task(name), self.settings, hidden) for name in tasks}
         )
-        self.pair_heads = nn.ModuleDict()
-        for task in ("para", "sts"):
-            if self.settings.pair_encoding == "cross":
-                bias = STS_MAX / 2 if task == "sts" else 0.0
-                self.pair_heads[task] = CrossHead(hidden, dropout, bias=bias)
-            else:
-                kind = self.settings.para_head if task == "para" else self.settings.sts_head
-                self.pair_heads[task] = _pair_head(kind, task, hidden, dropout)
+        self.register_load_state_dict_pre_hook(_rename_old_head_keys)
 
     @property
     def separate_pairs(self) -> bool:
         return self.settings.pair_encoding == "separate"
 
     def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the heads only (what `--mode pretrain` trains)."""
-        return [*self.sst_head.parameters(), *self.pair_heads.parameters()]
-
-    def task_parameters(self, task: str) -> list[nn.Parameter]:
-        """The head parameters that belong to one task alone."""
-        check_task(task)
-        if task == "sst":
-            return list(self.sst_head.parameters())
-        return list(self.pair_heads[task].parameters())
+        """Parameters of the heads only (what the frozen-encoder mode trains)."""
+        return list(self.heads.parameters())
 
     def embed(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         """Token ids -> the encoder's input embeddings [N, T, H] (where SMART perturbs)."""
@@ -176,14 +168,13 @@ class MultitaskBert(nn.Module):
     def forward_from_embeddings(self, task: str, embeds: Tensor, attention_mask: Tensor) -> Tensor:
         """Task output from input embeddings.
 
-        sst: logits [B, 5]. para: one logit per pair [B]. sts: predicted score [B].
+        Class logits [B, num_outputs], or one logit or score per example [B].
         In separate mode ``embeds`` holds 2B rows (first sentences, then second ones).
         """
-        check_task(task)
+        head = self._head_of(task)
         vectors = self.sentence_vectors(embeds, attention_mask)
-        if task == "sst":
-            return self.sst_head(vectors)
-        head = self.pair_heads[task]
+        if not TASKS[task].pairs:
+            return head(vectors)
         if self.separate_pairs:
             if vectors.shape[0] % 2:
                 raise ValueError(
@@ -193,6 +184,12 @@ class MultitaskBert(nn.Module):
             u, v = vectors.chunk(2)
             return head(u, v)
         return head(vectors)
+
+    def _head_of(self, task: str) -> nn.Module:
+        if task not in self.heads:
+            get_task(task)  # an unknown task gets the list of tasks
+            raise ValueError(f"this model has no {task!r} head (tasks: {tuple(self.heads)})")
+        return self.heads[task]
 
     def forward(
         self,
@@ -205,26 +202,23 @@ class MultitaskBert(nn.Module):
         return self.forward_from_embeddings(task, embeds, attention_mask)
 
 
+def _rename_old_head_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """Checkpoints before the task table kept ``sst_head.*`` and ``pair_heads.<task>.*``."""
+    for key in list(state_dict):
+        rest = key[len(prefix):]
+        if rest.startswith("sst_head."):
+            state_dict[prefix + "heads.sst." + rest[len("sst_head."):]] = state_dict.pop(key)
+        elif rest.startswith("pair_heads."):
+            state_dict[prefix + "heads." + rest[len("pair_heads."):]] = state_dict.pop(key)
+
+
 def task_loss(task: str, output: Tensor, labels: Tensor) -> Tensor:
-    """The paper's losses: cross-entropy (sst), BCE on a logit (para), squared error (sts)."""
-    check_task(task)
-    if task == "sst":
-        return F.cross_entropy(output, labels.long())
-    # A [B] prediction against [B, 1] labels would broadcast to [B, B]: refuse it.
-    if output.shape != labels.shape:
-        raise ValueError(
-            f"{task} output shape {tuple(output.shape)} != labels shape {tuple(labels.shape)}"
-        )
-    if task == "para":
-        return F.binary_cross_entropy_with_logits(output, labels.to(output.dtype))
-    return F.mse_loss(output, labels.to(output.dtype))
+    """The task's training loss (see :class:`bert_demo.tasks.Task`)."""
+    return get_task(task).loss(output, labels)
 
 
 def predictions(task: str, output: Tensor) -> Tensor:
-    """Model output -> predicted labels: class (sst), 0/1 (para), score clipped to 0..5 (sts)."""
-    check_task(task)
-    if task == "sst":
-        return output.argmax(-1)
-    if task == "para":
-        return (output > 0).long()
-    return output.clamp(0.0, STS_MAX)
+    """Model output -> predicted labels (see :class:`bert_demo.tasks.Task`)."""
+    return get_task(task).predict(output)

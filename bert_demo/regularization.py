@@ -5,9 +5,9 @@
 R_s (gradtools.SMART) perturbs the task's input embeddings inside an epsilon-ball
 and measures how far the outputs move; D_Breg (gradtools.MomentumTeacher) measures
 how far the outputs moved from those of an exponential moving average of the
-model, updated after every optimizer step. Divergence per task: symmetric KL over
-the 5 sentiment classes, Bernoulli symmetric KL for the one paraphrase logit,
-squared error for the similarity score.
+model, updated after every optimizer step. Each task names its divergence in
+:mod:`bert_demo.tasks` (symmetric KL over classes, Bernoulli symmetric KL for one
+logit, squared error for a score).
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ from torch import Tensor, nn
 import gradtools
 from bert_demo.batching import TaskBatch
 from bert_demo.multitask import MultitaskBert
+from bert_demo.tasks import get_task
 
 if TYPE_CHECKING:
     from bert_demo.config import TrainConfig
-
-DIVERGENCE_KIND = {"sst": "kl", "para": "bkl", "sts": "mse"}
-
 
 class SmartTerms:
     """R_s and the Bregman proximal term of each task, and the teacher's update."""
@@ -51,7 +49,7 @@ class SmartTerms:
     ) -> tuple[Tensor, dict[str, float]]:
         """``lambda_s * R_s + mu * D_Breg`` for this task's batch, and what each was."""
         mask = batch.attention_mask
-        kind = DIVERGENCE_KIND[task]
+        kind = get_task(task).divergence
 
         def forward(perturbed: Tensor) -> Tensor:
             return self.model.forward_from_embeddings(task, perturbed, mask)

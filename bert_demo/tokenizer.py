@@ -104,8 +104,14 @@ class WordPieceTokenizer:
         settings: dict[str, object] = {}
         config_file = folder / "tokenizer_config.json"
         if config_file.is_file():
-            with open(config_file, encoding="utf-8") as f:
-                settings = json.load(f)
+            try:
+                settings = json.loads(config_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{config_file}:{e.lineno}: not valid JSON: {e.msg}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{config_file}: not UTF-8 text ({e.reason})") from None
+            if not isinstance(settings, dict):
+                raise ValueError(f"{config_file}: expected a JSON object")
         strip_accents = settings.get("strip_accents")
         max_length = settings.get("model_max_length", 512)
         # Some configs store a huge sentinel here; the position table caps it anyway.

@@ -5,15 +5,11 @@ see :mod:`bert_demo.batching`), computes each task's loss (plus SMART's adversar
 and Bregman terms with ``smart``), and either sums the losses or hands them to
 PCGrad, which removes conflicting components before the optimizer step.
 
-A run lives in one folder::
-
-    config.json      the TrainConfig (``--resume`` reads it back)
-    checkpoint.pt    model, optimizer (PCGrad included), schedule, teacher, RNG, step
-    metrics.jsonl    one JSON line per logged window of steps and per dev evaluation
-    final.json       dev metrics and wall time once the run has finished
-
-Checkpoints are written atomically at every epoch end, when training finishes and
+A run lives in one folder (see :mod:`bert_demo.run_dir`). Checkpoints are written atomically at every epoch end, when training finishes and
 on Ctrl-C (the step in flight completes first; a second Ctrl-C aborts at once).
+Every evaluation that beats the best dev overall score so far saves the weights
+(best.safetensors); a finished run keeps model-only weights (model.safetensors) and
+deletes its optimizer checkpoint unless asked to keep it.
 
 Under torchrun every process runs this loop on its share of each batch; see
 :mod:`bert_demo.distributed` for what is averaged and what only rank 0 does.
@@ -25,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -37,6 +34,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from bert_demo import run_dir
 from bert_demo.batching import (
     Example,
     batch_indices,
@@ -45,35 +43,37 @@ from bert_demo.batching import (
     make_batch,
 )
 from bert_demo.config import TrainConfig
-from bert_demo.data import find_data_dir
-from bert_demo.datasets import DEV_FILES, TRAIN_FILES, load_split
+from bert_demo.data import find_data_dir, load_split, require_rows
 from bert_demo.distributed import Ranks, rank_seed
 from bert_demo.evaluate import evaluate
-from bert_demo.model import BertConfig, BertModel, load_pretrained, resolve_model_path
-from bert_demo.multitask import TASKS, MultitaskBert, task_loss
+from bert_demo.model import load_pretrained, resolve_model_path
+from bert_demo.model_files import ENCODER_FILES_DIR, copy_model_files, encoder_files
+from bert_demo.multitask import MultitaskBert
 from bert_demo.optim import make_optimizer, make_schedule, wrap_pcgrad
 from bert_demo.regularization import SmartTerms
+from bert_demo.run_dir import (
+    CHECKPOINT,
+    CONFIG,
+    FINAL,
+    METRICS,
+    RunDirError,
+    append_jsonl,
+    atomic_write,
+    load_config,
+    new_model,
+    read_checkpoint,
+    resolve_device,
+    save_config,
+    save_torch,
+    write_json,
+)
+from bert_demo.tasks import get_task, model_tasks
+from bert_demo.tensorboard_log import TensorBoardLog
+from bert_demo.tensorboard_log import check_available as check_tensorboard
 from bert_demo.tokenizer import WordPieceTokenizer
+from bert_demo.weights import BEST_WEIGHTS, LAST_WEIGHTS, BestWeights, WeightsInfo, save_weights
 
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-FINAL = "final.json"
-CHECKPOINT_FORMAT = 1
-
-
-class RunDirError(RuntimeError):
-    """The output folder does not fit what was asked (an existing run, nothing to resume)."""
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``None``: cuda when present, else cpu. A named cuda device must exist."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
+__all__ = ["Trainer", "build_model", "pcgrad_summary", "steps_per_epoch", "total_steps", "train"]
 
 
 def build_model(config: TrainConfig) -> MultitaskBert:
@@ -83,31 +83,7 @@ def build_model(config: TrainConfig) -> MultitaskBert:
         hidden_dropout_prob=config.encoder_dropout,
         attention_probs_dropout_prob=config.encoder_dropout,
     )
-    return MultitaskBert(encoder, config.head_settings())
-
-
-def load_trained(
-    run: str | os.PathLike[str], device: torch.device | str = "cpu"
-) -> tuple[MultitaskBert, WordPieceTokenizer, TrainConfig]:
-    """Model, tokenizer and config of a run folder (or a checkpoint.pt path)."""
-    path = Path(run)
-    checkpoint_path = path / CHECKPOINT if path.is_dir() else path
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {checkpoint_path}")
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    _check_format(state, checkpoint_path)
-    config = TrainConfig.from_dict(json.loads(state["config"]))
-    encoder = BertModel(BertConfig(**json.loads(state["encoder_config"])))
-    model = MultitaskBert(encoder, config.head_settings())
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    tokenizer = WordPieceTokenizer.from_folder(resolve_model_path(config.model))
-    return model, tokenizer, config
-
-
-def _check_format(state: Any, path: Path) -> None:
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a bert_demo checkpoint (format {CHECKPOINT_FORMAT})")
+    return new_model(config, encoder)
 
 
 def steps_per_epoch(
@@ -151,15 +127,12 @@ class _Interrupt:
             signal.signal(signal.SIGINT, previous)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient became inf or NaN; the last checkpoint is left as it was."""
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+# Settings a resumed run may change: they only move where the run ends.
+RESUMABLE = ("epochs", "max_steps")
 
 
 class Trainer:
@@ -175,8 +148,12 @@ class Trainer:
         progress: bool = True,
         on_step: Callable[[int], None] | None = None,
         ranks: Ranks | None = None,
+        keep_checkpoint: bool = False,
+        tensorboard: bool | None = None,
     ) -> None:
         self.config = config
+        self.keep_checkpoint = keep_checkpoint
+        check_tensorboard(tensorboard)  # before the run folder is touched
         # This process among the torchrun processes (a single process by default).
         self.ranks = ranks if ranks is not None else Ranks()
         self.out = Path(out_dir)
@@ -186,22 +163,30 @@ class Trainer:
         # Read the data before touching the run folder: a bad --data leaves nothing behind.
         data_dir = find_data_dir(config.data)
         self.train_sets = load_split(
-            data_dir, config.tasks, TRAIN_FILES, config.max_train_examples, random_subset=True
+            data_dir, config.tasks, "train", config.max_train_examples, random_subset=True
         )
         self.dev_sets = load_split(
-            data_dir, TASKS, DEV_FILES, config.max_eval_examples, random_subset=False
+            data_dir, model_tasks(config.tasks), "dev", config.max_eval_examples,
+            random_subset=False,
         )
-        self.ranks.on_main(lambda: self._prepare_run_dir(resume))
+        # Refuse data the run cannot use before training, not at the first evaluation.
+        require_rows(data_dir, "train", self.train_sets)
+        require_rows(data_dir, "dev", self.dev_sets, config.max_eval_examples)
 
         torch.manual_seed(config.seed)
         self.lengths = {t: [example_length(e) for e in ex] for t, ex in self.train_sets.items()}
         self.tokenizer = WordPieceTokenizer.from_folder(resolve_model_path(config.model))
         self.model = build_model(config).to(self.device)
+        # Only now that data and model have loaded does the run folder change.
+        self.ranks.on_main(lambda: self._prepare_run_dir(resume))
+        main = self.ranks.is_main
+        # After _prepare_run_dir, which removes a previous run's best weights.
+        self.best = BestWeights(self.out) if main else None
         self.ranks.broadcast_module(self.model)
         self.per_epoch = steps_per_epoch(config, self.train_sets, self.ranks.world_size)
         self.total = total_steps(config, self.per_epoch)
 
-        if config.mode == "pretrain":
+        if config.mode == "frozen":
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
         self.pcgrad_generator = torch.Generator().manual_seed(config.seed)
@@ -216,35 +201,66 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.last_metrics: dict[str, float] = {}
+        self.eval_step = 0  # the step last_metrics were measured at
+        self.saved_step: int | None = None  # the step of checkpoint.pt, once there is one
         if resume:
             self._load_checkpoint()
+            if self.step > self.total:
+                raise RunDirError(
+                    f"--resume: {self.out / CHECKPOINT} is at step {self.step}, past the "
+                    f"{self.total} steps of these settings (--max-steps, --epochs)"
+                )
+            self.ranks.on_main(self._truncate_metrics)
+            self.ranks.on_main(lambda: self._save_changed_config())
+            if self.step < self.total:
+                self.ranks.on_main(self._reopen_finished_run)
+        self.tensorboard = TensorBoardLog(self.out, tensorboard if main else False,
+                                          self._tensorboard_first_step(resume))
+        if resume and main:
+            self._replay_to_tensorboard()
 
     # ------------------------------------------------------------------ set-up
 
     def _prepare_run_dir(self, resume: bool) -> None:
+        try:
+            self._check_run_dir(resume)
+        except OSError as e:  # a file where the folder should be, a read-only disk, ...
+            raise RunDirError(f"--out {self.out}: cannot write the run there "
+                              f"({e.strerror or e}: {e.filename or self.out})") from e
+
+    def _check_run_dir(self, resume: bool) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint, saved_config = self.out / CHECKPOINT, self.out / CONFIG
         if resume:
             if not checkpoint.is_file():
                 raise RunDirError(f"--resume: {checkpoint} does not exist; nothing to resume")
-            saved = TrainConfig.load(saved_config)
-            if saved != self.config:
-                changed = sorted(
-                    k for k, v in saved.to_dict().items() if self.config.to_dict()[k] != v
-                )
+            saved = load_config(saved_config)
+            changed = sorted(
+                k for k, v in saved.to_dict().items() if self.config.to_dict()[k] != v
+            )
+            refused = [k for k in changed if k not in RESUMABLE]
+            if refused:
                 raise RunDirError(
-                    f"--resume: settings differ from the run in {self.out} ({', '.join(changed)}); "
-                    "a resumed run keeps its settings"
+                    f"--resume: settings differ from the run in {self.out} ({', '.join(refused)}); "
+                    f"a resumed run keeps its settings (only {', '.join(RESUMABLE)} may change)"
                 )
+            # A changed --epochs/--max-steps is written once the checkpoint has been read.
         else:
-            if checkpoint.exists():
-                raise RunDirError(
-                    f"{self.out} already holds a run ({CHECKPOINT}); pass --resume to continue "
-                    "it or choose another --out"
-                )
-            for name in (METRICS, FINAL):
+            for name in (CHECKPOINT, LAST_WEIGHTS):
+                if (self.out / name).exists():
+                    raise RunDirError(
+                        f"{self.out} already holds a run ({name}); pass --resume to continue "
+                        "it or choose another --out"
+                    )
+            for name in (METRICS, FINAL, BEST_WEIGHTS):
                 (self.out / name).unlink(missing_ok=True)
-            self.config.save(saved_config)
+            save_config(self.config, saved_config)
+        if not resume or encoder_files(self.out) is None:
+            # The tokenizer files travel with the run (see bert_demo.model_files); a new
+            # run in a used folder replaces those of the earlier model.
+            if not resume:
+                shutil.rmtree(self.out / ENCODER_FILES_DIR, ignore_errors=True)
+            copy_model_files(resolve_model_path(self.config.model), self.out, self.config.model)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
@@ -264,7 +280,7 @@ class Trainer:
     def _checkpoint_state(self, rank_rng: list[dict[str, Any]]) -> dict[str, Any]:
         # PCGrad's own generator state travels in the optimizer's state dict.
         return {
-            "format": CHECKPOINT_FORMAT,
+            "format": run_dir.CHECKPOINT_FORMAT,
             # JSON strings: plain data that torch.load(weights_only=True) accepts.
             "config": json.dumps(self.config.to_dict()),
             "encoder_config": json.dumps(asdict(self.model.encoder.config)),
@@ -275,6 +291,7 @@ class Trainer:
             "step": self.step,
             "elapsed_s": self.elapsed,
             "metrics": json.dumps(self.last_metrics),
+            "eval_step": self.eval_step,
             "rng": rank_rng[0],
             # Every process's random streams, so that a resumed run with the same
             # number of processes continues exactly.
@@ -290,13 +307,65 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         rank_rng = self.ranks.all_gather(rng)
-        self.ranks.on_main(lambda: _atomic_torch_save(self._checkpoint_state(rank_rng), path))
+        self.ranks.on_main(lambda: save_torch(self._checkpoint_state(rank_rng), path))
+        self.saved_step = self.step
         return path
+
+    def _save_changed_config(self) -> None:
+        if load_config(self.out / CONFIG) != self.config:
+            save_config(self.config, self.out / CONFIG)
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics.jsonl records from after the checkpoint: the resumed run logs them again."""
+        path = self.out / METRICS
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short when the run stopped
+            if not isinstance(record, dict):
+                continue
+            last = self.eval_step if record.get("event") == "eval" else self.step
+            if record.get("step", 0) <= last:
+                kept.append(line)
+        with atomic_write(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def _reopen_finished_run(self) -> None:
+        """A finished run (kept checkpoint) resumed with more steps is no longer finished:
+        its final.json and model.safetensors describe the old end and are written again at
+        the new one (until then "last" weights are the checkpoint's)."""
+        for name in (FINAL, LAST_WEIGHTS):
+            (self.out / name).unlink(missing_ok=True)
+
+    def _tensorboard_first_step(self, resume: bool) -> int:
+        """TensorBoard hides what an earlier writer logged from this step on (purge_step).
+
+        A new run: everything. A resumed run: what comes after the checkpoint, and the
+        checkpoint's own step too when its evaluation is still to be done (the crashed run
+        may have logged it); :meth:`_replay_to_tensorboard` puts back what metrics.jsonl
+        keeps at that step.
+        """
+        if not resume:
+            return 1
+        return self.step if self._evaluation_pending() else self.step + 1
+
+    def _replay_to_tensorboard(self) -> None:
+        path = self.out / METRICS
+        if not self.tensorboard.active or not path.is_file():
+            return
+        first = self._tensorboard_first_step(resume=True)
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)  # _truncate_metrics left whole records only
+            if record.get("step", 0) >= first:
+                self.tensorboard.log(record)
 
     def _read_checkpoint(self) -> dict[str, Any]:
         path = self.out / CHECKPOINT
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        _check_format(state, path)
+        state = read_checkpoint(path)
         saved_world = state.get("world_size", 1)
         if saved_world != self.ranks.world_size:
             raise RunDirError(
@@ -317,6 +386,9 @@ class Trainer:
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed_s"])
         self.last_metrics = json.loads(state["metrics"])
+        # Checkpoints before eval_step was recorded were only written after evaluating.
+        self.eval_step = int(state.get("eval_step", self.step))
+        self.saved_step = self.step
         rng = state["rank_rng"][self.ranks.rank] if "rank_rng" in state else state["rng"]
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -349,20 +421,34 @@ class Trainer:
             assert batch.labels is not None  # training files are labeled
             embeds = model.embed(batch.input_ids, batch.token_type_ids)
             output = model.forward_from_embeddings(task, embeds, batch.attention_mask)
-            loss = task_loss(task, output, batch.labels)
+            loss = get_task(task).loss(output, batch.labels)
             stats[f"loss_{task}"] = loss.item()
             if self.smart is not None:
                 extra, smart_stats = self.smart.terms(task, batch, embeds, output)
                 loss = loss + extra
                 stats.update({f"{k}_{task}": v for k, v in smart_stats.items()})
             losses.append(loss)
+        finite = torch.isfinite(torch.stack([loss.detach() for loss in losses]))
+        if self.ranks.any_rank(not bool(finite.all())):
+            bad = [t for t, ok in zip(config.tasks, finite.tolist(), strict=True) if not ok]
+            which = (f"the {', '.join(bad)} loss" + ("es are" if len(bad) > 1 else " is")
+                     if bad else "a loss on another process is")
+            raise TrainingDiverged(
+                f"training diverged at step {self.step + 1}: {which} not finite "
+                "(try a lower --lr)"
+            )
         self.optimizer.zero_grad(set_to_none=True)
-        if config.pcgrad:
-            self.optimizer.backward(losses)  # type: ignore[attr-defined]
-        else:
-            torch.stack(losses).sum().backward()
-            self.ranks.average_gradients(self.model.parameters())
-        self.optimizer.step()
+        try:
+            if config.pcgrad:
+                self.optimizer.backward(losses)  # type: ignore[attr-defined]
+            else:
+                torch.stack(losses).sum().backward()
+                self.ranks.average_gradients(self.model.parameters())
+            self.optimizer.step()
+        except FloatingPointError as e:  # PCGrad refuses inf/NaN gradients
+            raise TrainingDiverged(
+                f"training diverged at step {self.step + 1}: {e} (try a lower --lr)"
+            ) from None
         self.schedule.step()
         if config.pcgrad:
             stats.update(pcgrad_summary(self.optimizer, config.tasks))
@@ -382,22 +468,43 @@ class Trainer:
             self.config.max_length,
             self.config.eval_batch_size,
             self.device,
+            progress=self.progress and self.ranks.is_main,
         )
 
     def _log_eval(self) -> dict[str, float]:
         def evaluate_and_log() -> dict[str, float]:
             metrics = self.evaluate()
-            _append_jsonl(
-                self.out / METRICS,
-                {"event": "eval", "step": self.step, "epoch": self.step / self.per_epoch,
-                 "elapsed_s": round(self.elapsed, 1), **metrics},
-            )
+            record = {"event": "eval", "step": self.step, "epoch": self.step / self.per_epoch,
+                      "elapsed_s": round(self.elapsed, 1), **metrics}
+            append_jsonl(self.out / METRICS, record)
+            self.tensorboard.log(record)
+            assert self.best is not None  # rank 0 keeps the best weights
+            self.best.consider(self.model, self._weights_info(metrics))
             return metrics
 
         # Rank 0 evaluates (the replicas are equal) and tells the others.
         metrics = self.ranks.on_main(evaluate_and_log)
         self.last_metrics = metrics
+        self.eval_step = self.step
         return metrics
+
+    def _is_eval_step(self) -> bool:
+        return self.step % self.per_epoch == 0 or self.step == self.total
+
+    def _evaluation_pending(self) -> bool:
+        """Resumed from a checkpoint saved before its epoch-end evaluation finished."""
+        return self.step > 0 and self._is_eval_step() and self.eval_step != self.step
+
+    def _save_and_evaluate(self, bar: tqdm[Any], started: float) -> None:
+        """Epoch end: save the weights first (an evaluation error must not lose them),
+        evaluate on dev, then save again so the checkpoint holds the dev metrics."""
+        if self.saved_step != self.step:
+            self.save_checkpoint()
+        metrics = self._log_eval()
+        self.elapsed = time.perf_counter() - started
+        if self.ranks.is_main:
+            bar.write(f"step {self.step}: " + _format_metrics(metrics))
+        self.save_checkpoint()
 
     def run(self) -> dict[str, Any]:
         """Train to the last step; returns final.json's content (or raises KeyboardInterrupt)."""
@@ -412,6 +519,8 @@ class Trainer:
         in_step = False
         with interrupt.installed():
             try:
+                if self._evaluation_pending():
+                    self._save_and_evaluate(bar, started)
                 while self.step < self.total:
                     in_step = True
                     stats = self.training_step()
@@ -427,22 +536,27 @@ class Trainer:
                     bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in running.items()})
                     if self.step % config.log_every == 0 or self.step == self.total:
                         if main:
-                            _append_jsonl(self.out / METRICS, self._train_record(window))
+                            record = self._train_record(window)
+                            append_jsonl(self.out / METRICS, record)
+                            self.tensorboard.log(record)
                         window = {}
-                    if self.step % self.per_epoch == 0 or self.step == self.total:
-                        metrics = self._log_eval()
-                        self.elapsed = time.perf_counter() - started
-                        if main:
-                            bar.write(f"step {self.step}: " + _format_metrics(metrics))
-                        self.save_checkpoint()
+                    if self._is_eval_step():
+                        self._save_and_evaluate(bar, started)
                     if self.on_step is not None:
                         self.on_step(self.step)
                     # All ranks stop after the same step (a Ctrl-C reaches them at
                     # slightly different times), so they save one checkpoint together.
                     if self.ranks.any_rank(interrupt.requested):
                         raise KeyboardInterrupt
+            except TrainingDiverged as e:
+                bar.close()
+                self.tensorboard.close()
+                kept = (f"{CHECKPOINT} keeps step {self.saved_step}" if self.saved_step is not None
+                        else f"no {CHECKPOINT} was written")
+                raise TrainingDiverged(f"{e}; {kept}") from None
             except KeyboardInterrupt:
                 bar.close()
+                self.tensorboard.close()
                 if in_step:
                     # Aborted inside a step: the model may be half updated, so keep the
                     # last checkpoint as it is.
@@ -461,10 +575,23 @@ class Trainer:
             "dev": self.last_metrics,
             "config": config.to_dict(),
         }
-        if main:
-            tmp = self.out / (FINAL + ".tmp")
-            tmp.write_text(json.dumps(final, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, self.out / FINAL)
+        return self.ranks.on_main(lambda: self._finish(final))
+
+    def _weights_info(self, metrics: dict[str, float]) -> WeightsInfo:
+        return WeightsInfo(self.config.to_dict(), asdict(self.model.encoder.config), self.step,
+                           self.step / self.per_epoch, metrics)
+
+    def _finish(self, final: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0: model-only weights, final.json, then the checkpoint goes (unless kept)."""
+        save_weights(self.model, self.out / LAST_WEIGHTS, self._weights_info(self.last_metrics))
+        assert self.best is not None
+        final["best"] = self.best.summary()
+        final["weights"] = {"last": LAST_WEIGHTS, "best": BEST_WEIGHTS if final["best"] else None,
+                            "checkpoint": CHECKPOINT if self.keep_checkpoint else None}
+        write_json(self.out / FINAL, final)
+        if not self.keep_checkpoint:
+            (self.out / CHECKPOINT).unlink(missing_ok=True)
+        self.tensorboard.close()
         return final
 
     def _train_record(self, window: dict[str, list[float]]) -> dict[str, Any]:
@@ -506,10 +633,50 @@ def train(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     ranks: Ranks | None = None,
+    keep_checkpoint: bool = False,
+    tensorboard: bool | None = None,
 ) -> dict[str, Any]:
-    """Train ``config`` into ``out_dir``; see :class:`Trainer`."""
+    """Train ``config`` into ``out_dir``; see :class:`Trainer`.
+
+    Resuming a finished run with its own settings returns its final.json and changes
+    nothing. With a changed --epochs/--max-steps it needs the checkpoint, which only
+    --keep-checkpoint keeps; without it the change is refused by name.
+    """
+    if resume:
+        finished = (ranks or Ranks()).on_main(lambda: _finished_run(Path(out_dir), config))
+        if finished is not None:
+            return finished
     trainer = Trainer(
         config, out_dir, resume=resume, device=device, progress=progress, on_step=on_step,
-        ranks=ranks,
+        ranks=ranks, keep_checkpoint=keep_checkpoint, tensorboard=tensorboard,
     )
     return trainer.run()
+
+
+def _finished_run(out: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """final.json of a finished run that --resume leaves as it is; None to train on.
+
+    final.json exists only while the run is at its end (a run resumed past it removes
+    the file), so a kept checkpoint beside it is at the same step.
+    """
+    if not (out / FINAL).is_file() or not (out / CONFIG).is_file():
+        return None
+    saved = load_config(out / CONFIG)
+    changed = sorted(k for k, v in saved.to_dict().items() if config.to_dict()[k] != v)
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:  # the CLI refuses these first, with the values; this guards train()
+        raise RunDirError(
+            f"--resume: settings differ from the run in {out} ({', '.join(refused)}); "
+            f"a resumed run keeps its settings (only {', '.join(RESUMABLE)} may change)"
+        )
+    if changed and (out / CHECKPOINT).is_file():
+        return None  # the Trainer applies them (or refuses fewer steps than were done)
+    final: dict[str, Any] = json.loads((out / FINAL).read_text(encoding="utf-8"))
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise RunDirError(
+            f"--resume: {out} finished at step {final.get('step')} and its {CHECKPOINT} was "
+            f"deleted (train with --keep-checkpoint to keep it), so it cannot train further; "
+            f"{flags} cannot change"
+        )
+    return final

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from demo_fixtures import write_tiny_data, write_tiny_model
 
-import bert_demo.ablate as ablate
 from bert_demo.ablate import ROWS, markdown_table, row_config, run_ablation, summarize
 from bert_demo.config import TrainConfig
-from bert_demo.train import FINAL
+from bert_demo.run_dir import CHECKPOINT, FINAL
+from bert_demo.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +33,7 @@ def test_the_ten_rows_of_the_paper() -> None:
     three = ("sst", "para", "sts")
     assert methods == {
         "single-sst": (False, False, False, "finetune", ("sst",)),
-        "pretrain": (False, False, False, "pretrain", three),
+        "frozen": (False, False, False, "frozen", three),
         "finetune": (False, False, False, "finetune", three),
         "smart": (True, False, False, "finetune", three),
         "pcgrad": (False, True, False, "finetune", three),
@@ -57,9 +57,9 @@ def test_mean_and_std_over_seeds() -> None:
 
 
 @pytest.mark.slow
-def test_ablation_runs_rows_and_skips_finished_ones(base, tmp_path, monkeypatch) -> None:
-    rows = ["single-sst", "pretrain", "all"]
-    table = run_ablation(base, tmp_path, seeds=2, rows=rows, progress=False)
+def test_ablation_runs_rows_and_skips_finished_ones(base, tmp_path) -> None:
+    rows = ["single-sst", "frozen", "all"]
+    table = run_ablation(base, tmp_path, seeds=2, rows=rows, progress=False, train=train)
     text = table.read_text()
     for slug in rows:
         for seed in (0, 1):
@@ -75,11 +75,13 @@ def test_ablation_runs_rows_and_skips_finished_ones(base, tmp_path, monkeypatch)
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(ablate, "train", no_training)
-    assert run_ablation(base, tmp_path, seeds=2, rows=rows, progress=False).read_text() == text
+    assert run_ablation(base, tmp_path, seeds=2, rows=rows, progress=False,
+                        train=no_training).read_text() == text
 
     # ... and resumes a run that has a checkpoint but no final.json.
+    # (A finished run deletes its checkpoint: put one back as an interrupted run has.)
     (tmp_path / "all" / "seed1" / FINAL).unlink()
+    (tmp_path / "all" / "seed1" / CHECKPOINT).write_bytes(b"")
     calls: list[tuple[Path, bool]] = []
 
     def record(config, out, resume=False, **kwargs):
@@ -88,6 +90,5 @@ def test_ablation_runs_rows_and_skips_finished_ones(base, tmp_path, monkeypatch)
             (tmp_path / "all" / "seed0" / FINAL).read_text())))
         return {}
 
-    monkeypatch.setattr(ablate, "train", record)
-    run_ablation(base, tmp_path, seeds=2, rows=rows, progress=False)
+    run_ablation(base, tmp_path, seeds=2, rows=rows, progress=False, train=record)
     assert calls == [(tmp_path / "all" / "seed1", True)]

@@ -14,7 +14,7 @@ import torch
 from demo_fixtures import write_tiny_data, write_tiny_model
 
 from bert_demo.cli import build_parser, config_from_args, main
-from bert_demo.config import PAPER, QUICK
+from bert_demo.config import PAPER_PRESET, QUICK_PRESET
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,12 +42,12 @@ def fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["train", "--lr", "-1"], "lr and head_lr must be > 0"),
-        (["train", "--epochs", "0"], "epochs must be >= 1"),
+        (["train", "--lr", "-1"], "argument --lr: must be > 0, got '-1'"),
+        (["train", "--epochs", "0"], "argument --epochs: must be >= 1, got '0'"),
         (["train", "--tasks", "nli"], "invalid choice: 'nli'"),
         (["train", "--tasks", "sst", "--pcgrad"], "pcgrad needs at least two tasks"),
         (["train", "--tasks", "sst", "para", "--sts-aug"], "sts_aug needs the sts task"),
-        (["train", "--warmup", "1.5"], "warmup is a fraction"),
+        (["train", "--warmup", "1.5"], "argument --warmup: must be in [0, 1), got '1.5'"),
         (["train", "--optimizer", "sgd"], "invalid choice: 'sgd'"),
         (["train", "--preset", "huge"], "invalid choice: 'huge'"),
         (["train", "--batch-sst", "two"], "invalid int value: 'two'"),
@@ -75,15 +75,15 @@ def test_bad_data_or_device_or_resume(tiny, tmp_path, capsys) -> None:
 def test_presets_and_flag_overrides() -> None:
     parser = build_parser()
     quick = config_from_args(parser.parse_args(["train"]))
-    assert (quick.lr, quick.batch_sst, quick.epochs) == (QUICK["lr"], QUICK["batch_sst"],
-                                                         QUICK["epochs"])
+    assert (quick.lr, quick.batch_sst, quick.epochs) == (QUICK_PRESET["lr"], QUICK_PRESET["batch_sst"],
+                                                         QUICK_PRESET["epochs"])
     paper = config_from_args(parser.parse_args(
         ["train", "--preset", "paper", "--smart", "--sts-aug", "--lr", "3e-5", "--tasks", "sst",
          "sts"]))
     assert (paper.batch_sst, paper.batch_para, paper.batch_sts) == (2, 20, 2)
     assert (paper.smart_lambda, paper.smart_epsilon, paper.smart_sigma, paper.bregman_mu,
             paper.smart_eta) == (5.0, 1e-4, 1e-4, 1.0, 1e-2)
-    assert paper.epochs == PAPER["epochs"] == 10
+    assert paper.epochs == PAPER_PRESET["epochs"] == 10
     assert paper.smart and paper.sts_aug and not paper.pcgrad
     assert paper.lr == 3e-5 and paper.tasks == ("sst", "sts")
     assert (paper.encoder_dropout, paper.head_dropout) == (0.1, 0.3)
@@ -97,10 +97,22 @@ def test_train_evaluate_predict_analyze_resume(tiny, tmp_path, capsys) -> None:
     final = json.loads((run / "final.json").read_text())
     assert final["step"] == 2 and final["config"]["pcgrad"]
     assert printed["out"] == str(run) and printed["overall"] == final["dev"]["overall"]
+    assert printed["best_step"] == final["best"]["step"] == 2
 
+    # A finished run keeps model-only weights; its optimizer checkpoint is gone.
+    assert (run / "model.safetensors").is_file() and not (run / "checkpoint.pt").exists()
+    capsys.readouterr()
     assert main(["evaluate", "--run", str(run)]) == 0
+    assert "sst:" in capsys.readouterr().err  # a progress bar by default
     metrics = json.loads((run / "eval.json").read_text())
-    assert metrics == pytest.approx(final["dev"])
+    assert {k: metrics[k] for k in final["dev"]} == pytest.approx(final["dev"])
+    # eval.json also says what was measured: which weights at which step, on which rows.
+    assert (metrics["step"], metrics["weights"]) == (2, "best.safetensors")
+    assert metrics["examples"] == {"sst": 6, "para": 5, "sts": 5}
+    assert metrics["data_files"]["para"] == str(tiny[1] / "quora-dev.csv")
+    assert main(["evaluate", "--run", str(run), "--weights", "last", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    assert json.loads((run / "eval.json").read_text())["weights"] == "model.safetensors"
 
     assert main(["predict", "--run", str(run)]) == 0
     assert len(list((run / "predictions").glob("*.csv"))) == 5
@@ -121,7 +133,7 @@ def test_module_entry_point_reports_errors() -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
-    assert "lr and head_lr must be > 0" in result.stderr
+    assert "argument --lr: must be > 0" in result.stderr
 
 
 def test_ctrl_c_saves_a_checkpoint_after_the_current_step(tiny, tmp_path) -> None:
@@ -147,3 +159,32 @@ def test_ctrl_c_saves_a_checkpoint_after_the_current_step(tiny, tmp_path) -> Non
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert state["step"] >= 1 and state["step"] == logged[-1]
+
+
+def test_every_flag_says_its_default() -> None:
+    """Help text of every option of every command, with its default (issue 13)."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, command in commands.items():
+        for action in command._actions:
+            if action.dest == "help" or action.required:  # --run, export --out: no default
+                continue
+            text = action.help or ""
+            assert "default" in text, (name, action.option_strings, text)
+
+
+def test_flags_come_from_train_config_fields() -> None:
+    """A TrainConfig field is a flag with its metadata's help and the field's default."""
+    from dataclasses import fields
+
+    from bert_demo.config import TrainConfig
+
+    train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    flags = {a.dest: a for a in train._actions}
+    for spec in fields(TrainConfig):
+        if spec.name == "extra":
+            continue
+        assert spec.name in flags, spec.name
+        assert spec.metadata["help"] in flags[spec.name].help
+    assert "(default: 0.00015; paper preset: 1e-05)" in flags["lr"].help
+    assert "(default: mean; paper preset: cls)" in flags["pooling"].help

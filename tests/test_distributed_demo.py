@@ -27,7 +27,8 @@ from rank_launcher import run_ranks
 import bert_demo.train as train_module
 from bert_demo.config import TrainConfig
 from bert_demo.distributed import Ranks
-from bert_demo.train import CHECKPOINT, FINAL, METRICS, RunDirError, Trainer
+from bert_demo.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError
+from bert_demo.train import Trainer
 
 WORLD = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -77,13 +78,13 @@ def _demo_worker(rank: int, world: int, root: str) -> None:
     model_dir, data_dir, out = Path(root) / "model", Path(root) / "data", Path(root) / "runs"
     ranks = Ranks(rank, world, rank, dist.group.WORLD)
     saves = []
-    original_save = train_module._atomic_torch_save
+    original_save = train_module.save_torch
 
     def counting_save(obj: Any, path: Path) -> None:
         saves.append(path.parent.name)
         original_save(obj, path)
 
-    train_module._atomic_torch_save = counting_save  # type: ignore[assignment]
+    train_module.save_torch = counting_save  # type: ignore[assignment]
     drawn: list[tuple[str, list[str]]] = []  # (task, row ids) of each training batch
     original_make_batch = train_module.make_batch
 
@@ -119,7 +120,8 @@ def _demo_worker(rank: int, world: int, root: str) -> None:
         raise AssertionError("the interrupt did not stop the run")
     except KeyboardInterrupt:
         pass
-    resumed = trainer("resumed", EVERYTHING, resume=True)
+    # Kept: the test below resumes it again with another number of processes.
+    resumed = trainer("resumed", EVERYTHING, resume=True, keep_checkpoint=True)
     resumed_final = resumed.run()
     assert resumed.smart is not None and straight.smart is not None
     results["straight"] = {
@@ -175,10 +177,12 @@ def test_two_processes_train_like_one_and_resume_exactly(tiny: Path) -> None:
         assert torch.equal(ranks[1]["resumed"]["teacher"][name], value), name
     assert ranks[0]["exact_sum"]["final"]["dev"] == ranks[1]["exact_sum"]["final"]["dev"]
 
-    # Checkpoints come from rank 0 only: at each epoch end and on the interrupt.
+    # Checkpoints come from rank 0 only: twice at each epoch end (before the dev
+    # evaluation, so that an evaluation error cannot lose the weights, and after it,
+    # with its metrics) and once on the interrupt.
     assert ranks[1]["saves"] == []
     assert ranks[0]["saves"] == (
-        ["exact_sum"] * 2 + ["exact_pcgrad"] * 2 + ["straight"] * 2 + ["resumed"] * 3
+        ["exact_sum"] * 4 + ["exact_pcgrad"] * 4 + ["straight"] * 4 + ["resumed"] * 5
     )
     # One metrics line per step and per evaluation: nothing written twice.
     records = [json.loads(x) for x in (runs / "exact_sum" / METRICS).read_text().splitlines()]
@@ -228,7 +232,7 @@ def test_torchrun_runs_the_command_line(tiny: Path) -> None:
         "--batch-sst", "3", "--batch-para", "2", "--batch-sts", "2", "--max-length", "16",
         "--epochs", "1", "--max-steps", "2", "--lr", "1e-3", "--eval-batch-size", "4",
         "--log-every", "1", "--pcgrad", "--smart", "--device", "cpu", "--no-progress",
-        "--threads", "1",
+        "--threads", "1", "--keep-checkpoint", "--no-tensorboard",
     ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
@@ -243,7 +247,8 @@ def test_torchrun_runs_the_command_line(tiny: Path) -> None:
     # Rank 0 alone printed the summary and wrote the run folder.
     assert done.stdout.count('"out"') == 1, done.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", CHECKPOINT, METRICS, FINAL]
+        ["config.json", CHECKPOINT, METRICS, FINAL, "best.safetensors", "model.safetensors",
+         "encoder"]
     )
     records = [json.loads(x) for x in (out / METRICS).read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]

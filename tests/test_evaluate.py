@@ -64,15 +64,20 @@ def test_confusion_matrix_and_largest_errors() -> None:
     sts = TaskPredictions("sts", ["a", "b", "c"], torch.tensor([1.0, 4.0, 2.0]),
                           [1.0, 4.0, 2.0], [1.0, 1.0, 2.5])
     assert largest_errors(sts, 2) == [(1, 3.0), (2, 0.5)]
+    # Quora: only wrong labels are errors, however far a right one is from certainty.
+    para = TaskPredictions("para", ["a", "b", "c"], torch.tensor([0.1, -3.0, 2.0]),
+                           [1.0, 0.0, 1.0], [0.0, 1.0, 1.0])
+    assert [row for row, _ in largest_errors(para, 5)] == [1, 0]
 
 
 def test_prediction_file_has_ids_in_input_order(tmp_path) -> None:
-    result = TaskPredictions("sts", ["x9", "x1", "x5"], torch.tensor([0.5, 4.25, 2.0]),
-                             [0.5, 4.25, 2.0], None)
+    result = TaskPredictions("sts", ["x9", "x1", "x5"], torch.tensor([0.5, 5.5, 2.0]),
+                             [0.5, 5.0, 2.0], None)
     path = write_predictions(tmp_path / "out" / "sts.csv", result)
     rows = list(csv.reader(path.open()))
-    assert rows == [["id", "predicted_similarity"], ["x9", "0.5000"], ["x1", "4.2500"],
-                    ["x5", "2.0000"]]
+    # The label, then the model's unclipped score (here 5.5 is clipped to 5).
+    assert rows == [["id", "predicted_similarity", "raw_similarity"], ["x9", "0.5000", "0.5"],
+                    ["x1", "5.0000", "5.5"], ["x5", "2.0000", "2"]]
     assert not list(path.parent.glob("*.tmp"))
 
 
@@ -116,10 +121,16 @@ def test_predict_writes_every_dev_and_test_file(trained_run) -> None:
         assert [r[0] for r in rows[1:]] == _ids(source)
         values = [float(r[1]) for r in rows[1:]]
         if path.name.startswith("ids-sst"):
-            assert rows[0] == ["id", "predicted_sentiment"]
+            assert rows[0] == ["id", "predicted_sentiment", *(f"prob_{i}" for i in range(5))]
             assert all(v in {0, 1, 2, 3, 4} for v in values)
+            for r in rows[1:]:
+                probs = [float(x) for x in r[2:]]
+                assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+                assert max(range(5), key=lambda i: probs[i]) == int(r[1])  # label = argmax
         elif path.name.startswith("quora"):
+            assert rows[0] == ["id", "predicted_is_duplicate", "prob_is_duplicate"]
             assert all(v in {0, 1} for v in values)
+            assert all((float(r[2]) > 0.5) == (r[1] == "1") for r in rows[1:])
         else:
             assert all(0.0 <= v <= 5.0 for v in values)
 

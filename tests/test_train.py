@@ -12,7 +12,9 @@ import torch
 from demo_fixtures import write_tiny_data, write_tiny_model
 
 from bert_demo.config import TrainConfig
-from bert_demo.train import CHECKPOINT, FINAL, METRICS, RunDirError, Trainer, load_trained, train
+from bert_demo.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError, load_trained
+from bert_demo.train import Trainer, train
+from bert_demo.weights import LAST_WEIGHTS
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ METHOD_COMBINATIONS = [
     for flags in itertools.product([False, True], repeat=3)
 ]
 OTHER_SETTINGS = [
-    {"mode": "pretrain"},
+    {"mode": "frozen"},
     {"tasks": ("sst",)},
     {"tasks": ("para", "sts"), "pcgrad": True},
     {"pair_encoding": "cross", "smart": True, "sts_aug": True},
@@ -77,13 +79,13 @@ def test_one_training_step(tiny, tmp_path, overrides) -> None:
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     encoder_changed = {k for k in changed if k.startswith("encoder.")}
     heads_changed = changed - encoder_changed
-    if config.mode == "pretrain":
+    if config.mode == "frozen":
         assert not encoder_changed, "a frozen encoder must not move"
     else:
         assert encoder_changed
     assert heads_changed
     if config.tasks == ("sst",):
-        assert all(k.startswith(("encoder.", "sst_head.")) for k in changed)
+        assert all(k.startswith(("encoder.", "heads.sst.")) for k in changed)
 
     assert final["step"] == 1
     assert set(final["dev"]) == {"sst_acc", "para_acc", "sts_pearson", "overall"}
@@ -99,7 +101,9 @@ def test_one_training_step(tiny, tmp_path, overrides) -> None:
         pairs = len(config.tasks) * (len(config.tasks) - 1) // 2
         assert 0 <= train_record["pcgrad_conflicts"] <= pairs
         assert -1 <= train_record[f"pcgrad_cos_{config.tasks[0]}_{config.tasks[1]}"] <= 1
-    assert (tmp_path / "run" / CHECKPOINT).is_file()
+    # A finished run keeps model-only weights; its optimizer checkpoint is deleted.
+    assert (tmp_path / "run" / LAST_WEIGHTS).is_file()
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
     assert (tmp_path / "run" / FINAL).is_file()
 
 
@@ -162,7 +166,8 @@ def test_run_folder_rules(tiny, tmp_path) -> None:
     config = tiny_config(tiny, max_steps=1)
     with pytest.raises(RunDirError, match="nothing to resume"):
         Trainer(config, tmp_path / "run", resume=True, progress=False)
-    train(config, tmp_path / "run", progress=False)
+    # Kept, so that there is a checkpoint to try resuming with other settings.
+    train(config, tmp_path / "run", progress=False, keep_checkpoint=True)
     with pytest.raises(RunDirError, match="already holds a run"):
         Trainer(config, tmp_path / "run", progress=False)
     with pytest.raises(RunDirError, match="lr"):

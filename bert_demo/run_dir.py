@@ -1,0 +1,237 @@
+"""A run folder: its layout, writing its files safely, and loading a trained model back.
+
+    config.json      the TrainConfig (``--resume`` reads it back)
+    checkpoint.pt    model, optimizer (PCGrad included), schedule, teacher, RNG, step;
+                     deleted when the run finishes (unless --keep-checkpoint)
+    best.safetensors the weights of the best dev evaluation (see bert_demo.weights)
+    model.safetensors the weights after the last step, written when the run finishes
+    encoder/         the model's tokenizer files and config.json (see bert_demo.model_files)
+    metrics.jsonl    one JSON line per logged window of steps and per dev evaluation
+    final.json       dev metrics, the best evaluation and wall time once the run has finished
+
+Every file but metrics.jsonl is written whole or not at all (:func:`atomic_write`),
+so an interrupted write never leaves half a checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bert_demo.config import TrainConfig
+from bert_demo.model import BertConfig, BertModel, resolve_model_path
+from bert_demo.multitask import MultitaskBert
+from bert_demo.tasks import model_tasks
+from bert_demo.tokenizer import WordPieceTokenizer
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+FINAL = "final.json"
+CHECKPOINT_FORMAT = 1
+
+
+class RunDirError(RuntimeError):
+    """The output folder does not fit what was asked (an existing run, nothing to resume)."""
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; once written, it replaces ``path`` in one rename.
+
+    If the block raises, the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike[str], value: Any) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> None:
+    write_json(path, config.to_dict())
+
+
+def load_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """A run's config.json; a broken or hand-edited file gets an error naming it."""
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings")
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``None``: cuda when present, else cpu. A named cuda device must exist."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: bert_demo runs on cpu or cuda")
+    return device
+
+
+def run_folder(run: str | os.PathLike[str]) -> Path:
+    """The run folder of ``run`` (a run folder or its checkpoint.pt)."""
+    path = Path(run)
+    return path if path.is_dir() else path.parent
+
+
+class CheckpointUnreadable(ValueError):
+    """checkpoint.pt cannot be read (cut short, overwritten, not a checkpoint)."""
+
+
+def check_format(state: Any, path: Path) -> None:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a bert_demo checkpoint (format {CHECKPOINT_FORMAT})")
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """checkpoint.pt's content; a truncated or foreign file gets an error naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointUnreadable(
+            f"{path}: not a readable bert_demo checkpoint (truncated or corrupt? {reason})"
+        ) from None
+    check_format(state, path)
+    return state
+
+
+def new_model(config: TrainConfig, encoder: BertModel) -> MultitaskBert:
+    """The heads of ``config`` on ``encoder`` (the paper's three tasks, plus any other trained)."""
+    return MultitaskBert(encoder, config.head_settings(), model_tasks(config.tasks))
+
+
+@dataclass
+class TrainedRun:
+    """A trained model read back from a run, and where its weights come from."""
+
+    model: MultitaskBert
+    tokenizer: WordPieceTokenizer
+    config: TrainConfig
+    weights_file: Path
+    step: int
+
+
+def _weights_file(path: Path, weights: str) -> Path:
+    """The file to read: ``path`` itself, or in a run folder the best/last weights."""
+    if path.is_file():
+        return path
+    from bert_demo.weights import BEST_WEIGHTS, LAST_WEIGHTS, WEIGHT_CHOICES
+
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"--weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
+    # The last weights are model.safetensors once the run finished, else its checkpoint;
+    # a run without best weights (none evaluated yet, or older runs) falls back to them.
+    names = (LAST_WEIGHTS, CHECKPOINT) if weights == "last" else (
+        BEST_WEIGHTS, LAST_WEIGHTS, CHECKPOINT)
+    for name in names:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"no checkpoint at {path}: none of {', '.join(names)} is there")
+
+
+def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """best/model.safetensors; a truncated or foreign file gets an error naming it."""
+    from safetensors import SafetensorError
+
+    from bert_demo.weights import read_weights
+
+    try:
+        return read_weights(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointUnreadable(
+            f"{path}: not a readable weights file (truncated or corrupt? {e})"
+        ) from None
+
+
+def load_run(
+    run: str | os.PathLike[str], device: torch.device | str = "cpu", weights: str = "best"
+) -> TrainedRun:
+    """Model, tokenizer and config of a run folder (or of one of its weight files).
+
+    ``weights``: ``best`` (the best dev evaluation) or ``last`` (the last step).
+    The tokenizer comes from the run's own ``encoder/`` copy when it has one, so the
+    run works without the model it was trained from.
+    """
+    from bert_demo.model_files import encoder_files
+
+    path = Path(run)
+    weights_file = _weights_file(path, weights)
+    try:
+        if weights_file.suffix == ".safetensors":
+            state, info = _read_weights_file(weights_file)
+            config = TrainConfig.from_dict(info.config)
+            encoder_config, step = info.encoder_config, info.step
+        else:
+            checkpoint = read_checkpoint(weights_file)
+            config = TrainConfig.from_dict(json.loads(checkpoint["config"]))
+            encoder_config = json.loads(checkpoint["encoder_config"])
+            step, state = int(checkpoint["step"]), checkpoint["model"]
+        model = new_model(config, BertModel(BertConfig(**encoder_config)))
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, CheckpointUnreadable):
+            raise
+        raise CheckpointUnreadable(
+            f"{weights_file}: does not describe a model this bert_demo can rebuild "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    model.to(device).eval()
+    own_files = encoder_files(weights_file.parent)
+    tokenizer = WordPieceTokenizer.from_folder(
+        own_files if own_files is not None else resolve_model_path(config.model))
+    return TrainedRun(model, tokenizer, config, weights_file, step)
+
+
+def load_trained(
+    run: str | os.PathLike[str], device: torch.device | str = "cpu", weights: str = "best"
+) -> tuple[MultitaskBert, WordPieceTokenizer, TrainConfig]:
+    """Model, tokenizer and config of a run folder (or a weights file); see :func:`load_run`."""
+    trained = load_run(run, device, weights)
+    return trained.model, trained.tokenizer, trained.config
