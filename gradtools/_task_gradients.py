@@ -33,6 +33,10 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Task weights outside this range could overflow or underflow when multiplied
 # into a float32 gradient; those (rare) parameters are combined in float64.
 _SAFE_WEIGHT = 2.0**60
+# From this many tasks on, a Gram block is one matrix product per chunk of at
+# most _MATMUL_CHUNK stacked elements instead of k(k+1)/2 dot products.
+_MATMUL_MIN_TASKS = 3
+_MATMUL_CHUNK = 1 << 18  # 1 MiB of float32: the stacked chunk stays in cache
 
 
 class GramItem:
@@ -129,8 +133,9 @@ class GramBlocks:
 def gram_blocks(items: list[GramItem], num_tasks: int) -> GramBlocks:
     """One Gram matrix per item, ``[I, T, T]`` (float64, on the CPU).
 
-    Each dot product runs where the gradients live, in float32 (float64 for
-    float64 gradients); all of them come to the host in one transfer per device.
+    Each block is computed where the gradients live, in float32 (float64 for
+    float64 gradients): dot products for one or two tasks, a chunked matrix
+    product from three on; all of them come to the host in one transfer per device.
     Blocks whose float32 result may be inaccurate (an overflow to inf, or squared
     norms so small that products fell into float32's subnormal range) are
     recomputed in float64; float64 blocks that overflow while their gradients
@@ -145,14 +150,19 @@ def gram_blocks(items: list[GramItem], num_tasks: int) -> GramBlocks:
         item.vectors = [(t, _in_dot_dtype(v)) for t, v in item.vectors]
         if not item.vectors:
             continue
-        dots, where = per_device.setdefault(item.vectors[0][1].device, ([], []))
+        values, where = per_device.setdefault(item.vectors[0][1].device, ([], []))
+        if len(item.vectors) >= _MATMUL_MIN_TASKS:
+            values.append(_gram_by_matmul([v for _, v in item.vectors]).reshape(-1))
+            tasks = [t for t, _ in item.vectors]
+            where.extend((k, i, j) for i in tasks for j in tasks)
+            continue
         for a, (i, vi) in enumerate(item.vectors):
             for j, vj in item.vectors[a:]:
-                dots.append(torch.dot(vi, vj))
+                values.append(torch.dot(vi, vj).reshape(1))
                 where.append((k, i, j))
-    for dots, where in per_device.values():
-        values = torch.stack(dots).to(device="cpu", dtype=torch.float64).tolist()  # the host sync
-        for (k, i, j), value in zip(where, values, strict=True):
+    for values, where in per_device.values():
+        flat = torch.cat(values).to(device="cpu", dtype=torch.float64).tolist()  # the host sync
+        for (k, i, j), value in zip(where, flat, strict=True):
             blocks[k][i][j] = value
             blocks[k][j][i] = value
 
@@ -178,6 +188,26 @@ def gram_blocks(items: list[GramItem], num_tasks: int) -> GramBlocks:
                 _fill_block(blocks[k], item.vectors, factor)
     result = torch.tensor(blocks, dtype=torch.float64).reshape(len(items), num_tasks, num_tasks)
     return GramBlocks(result, log2_unit)
+
+
+def _gram_by_matmul(vectors: list[Tensor]) -> Tensor:
+    """``[k, k]`` Gram matrix of k flat vectors as one matrix product per chunk.
+
+    k(k+1)/2 dot products read every gradient k times over (memory-bound: at
+    T = 10 that is most of the wrapper's cost); stacking a chunk of all k rows
+    and multiplying it by its transpose reads each once more and copies it once.
+    Chunks bound the stacked copy to about ``_MATMUL_CHUNK`` elements.
+    """
+    count = len(vectors)
+    numel = vectors[0].numel()
+    step = max(1, _MATMUL_CHUNK // count)
+    total: Tensor | None = None
+    for start in range(0, numel, step):
+        rows = torch.stack([v[start : start + step] for v in vectors])
+        product = rows @ rows.T
+        total = product if total is None else total.add_(product)
+    assert total is not None
+    return total
 
 
 def _fill_block(block: list[list[float]], vectors: list[tuple[int, Tensor]], factor: float) -> None:
