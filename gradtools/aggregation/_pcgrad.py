@@ -34,23 +34,20 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from gradtools.aggregation._base import Aggregation, Aggregator, checked_gram, register
+from gradtools.aggregation._gram import _ZERO_NORM, _check_gram
+
 __all__ = [
+    "PCGrad",
     "PCGradResult",
     "Reduction",
-    "cosine_similarity",
     "draw_orders",
-    "magnitude_similarity",
     "pcgrad",
     "pcgrad_weights",
     "validate_orders",
 ]
 
 Reduction = Literal["sum", "mean"]
-
-# Norms below this are treated as exact zeros: 1/n must stay far from overflow
-# when it multiplies a Gram entry (|G_ij| <= n_i n_j), and anything this small is
-# below every gradient a float32 or float64 model can hold anyway.
-_ZERO_NORM = 2.0**-500
 
 
 class PCGradResult(NamedTuple):
@@ -102,38 +99,6 @@ def validate_orders(orders: Tensor, num_tasks: int) -> None:
             raise ValueError(
                 f"orders row {i} must be a permutation of the other tasks {expected}, got {row}"
             )
-
-
-def _check_gram(gram: Tensor) -> None:
-    if gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
-        raise ValueError(f"gram must have shape [..., T, T], got {list(gram.shape)}")
-    if gram.shape[-1] == 0:
-        raise ValueError("gram must describe at least one task (T >= 1)")
-    if gram.is_complex() or not gram.is_floating_point():
-        raise ValueError(f"gram must be a real floating-point tensor, got {gram.dtype}")
-    if not bool(torch.isfinite(gram).all()):
-        raise ValueError("gram contains non-finite entries (inf or NaN)")
-
-
-def _norms_and_correlation(gram: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Split a float64 Gram matrix into gradient norms and the correlation matrix.
-
-    Returns ``(norms, nonzero, corr)``: ``norms[..., i] = |g_i|`` (0 for a gradient
-    treated as zero), ``nonzero`` the mask of the others, and ``corr[..., i, j]`` the
-    cosine of g_i and g_j clamped to [-1, 1] (0 where either gradient is zero, 1 on
-    the diagonal of non-zero gradients).
-    """
-    diag = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0.0)
-    norms = diag.sqrt()
-    nonzero = norms > _ZERO_NORM
-    norms = torch.where(nonzero, norms, torch.zeros_like(norms))
-    inv = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, torch.ones_like(norms)), 0.0)
-    # Multiply one factor at a time so no intermediate leaves float64's range.
-    corr = (gram * inv.unsqueeze(-1)) * inv.unsqueeze(-2)
-    corr = corr.clamp(-1.0, 1.0)
-    eye = torch.eye(gram.shape[-1], dtype=torch.bool, device=gram.device)
-    corr = torch.where(eye, nonzero.unsqueeze(-1).to(corr.dtype), corr)
-    return norms, nonzero, corr
 
 
 def pcgrad(gram: Tensor, orders: Tensor) -> PCGradResult:
@@ -232,27 +197,51 @@ def pcgrad_weights(gram: Tensor, orders: Tensor, reduction: Reduction = "sum") -
     return weights
 
 
-def cosine_similarity(gram: Tensor) -> Tensor:
-    """Pairwise cosine similarities ``<g_i, g_j> / (|g_i| |g_j|)`` from a Gram matrix.
+@register
+class PCGrad(Aggregator):
+    """PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning", NeurIPS).
 
-    float64 ``[..., T, T]``; 0 where either gradient is zero, 1 on the diagonal
-    of non-zero gradients.
+    Each task gradient is projected, in a random order of the other tasks, onto
+    the normal plane of every original gradient it conflicts with; the results
+    are summed (``reduction="sum"``) or averaged (``"mean"``). See
+    :func:`pcgrad` for the math.
+
+    Guarantees: the combination is weighted (a linear combination of the
+    original gradients) and, for two tasks, non-conflicting; for three or more
+    tasks the sum may still conflict with a task (the paper's guarantee is for
+    two). Linear under scaling for fixed orders (scaling g_i by c_i > 0 scales
+    g_i^PC by c_i, the conflict signs do not change); weights do not change
+    when all gradients are scaled by one factor. Random: the visiting orders
+    come from :meth:`draw`.
+
+    Degenerate inputs: a zero gradient is never projected onto and keeps
+    weight 1 (its contribution is zero anyway); T=1 gives weight 1.
     """
-    _check_gram(gram)
-    return _norms_and_correlation(gram.to(torch.float64))[2]
 
+    name = "pcgrad"
 
-def magnitude_similarity(gram: Tensor) -> Tensor:
-    """Gradient magnitude similarity Phi(g_i, g_j) = 2 |g_i| |g_j| / (|g_i|^2 + |g_j|^2).
+    def __init__(self, reduction: Reduction = "sum") -> None:
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.reduction: Reduction = reduction
 
-    From the PCGrad paper: 1 for equal norms, towards 0 as they diverge. float64
-    ``[..., T, T]``; defined as 1 when both gradients are zero.
-    """
-    _check_gram(gram)
-    norms = _norms_and_correlation(gram.to(torch.float64))[0]
-    # Written with the ratio r = small/large, Phi = 2r / (1 + r^2), so that
-    # neither the squares nor the product can overflow or underflow.
-    big = torch.maximum(norms.unsqueeze(-1), norms.unsqueeze(-2))
-    small = torch.minimum(norms.unsqueeze(-1), norms.unsqueeze(-2))
-    ratio = torch.where(big > 0, small / torch.where(big > 0, big, torch.ones_like(big)), 1.0)
-    return 2.0 * ratio / (1.0 + ratio * ratio)
+    def draw(self, num_tasks: int, generator: torch.Generator | None) -> Tensor:
+        return draw_orders(num_tasks, generator)
+
+    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+        gram = checked_gram(gram)
+        if draw is None:
+            raise ValueError(
+                "PCGrad.aggregate needs the visiting orders: pass draw=self.draw(T, generator)"
+            )
+        result = pcgrad(gram, draw)
+        weights = result.coefficients.sum(-2)
+        if self.reduction == "mean":
+            weights = weights / gram.shape[-1]
+        return Aggregation(weights, result.projected)
+
+    def head_weight(self, num_tasks: int) -> float:
+        return 1.0 / num_tasks if self.reduction == "mean" else 1.0
+
+    def __repr__(self) -> str:
+        return f"PCGrad(reduction={self.reduction!r})"

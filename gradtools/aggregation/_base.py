@@ -1,0 +1,186 @@
+"""The interface every multi-task aggregator implements, and the name registry.
+
+An aggregator maps the Gram matrices of T task gradients (one T x T block per
+granularity unit: the whole model, a parameter group or a tensor) to
+combination weights: block b's combined gradient is ``sum_t weights[b, t] g_t``.
+It never sees a gradient itself, so it knows nothing about autograd, devices or
+parameters; the wrapper (:class:`gradtools.MultiTask`) builds the Gram blocks
+in one pass and applies the weights in another.
+
+Randomness is drawn by the wrapper, not by the aggregator: :meth:`Aggregator.draw`
+is called once per step with the wrapper's seeded generator, and under DDP rank
+0's draw is broadcast, so every rank aggregates with the same draw.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradtools.aggregation._gram import _ZERO_NORM, _check_gram
+
+__all__ = [
+    "Aggregation",
+    "Aggregator",
+    "BlockAggregator",
+    "available",
+    "checked_gram",
+    "from_name",
+    "register",
+]
+
+
+class Aggregation(NamedTuple):
+    """The outcome of one aggregation.
+
+    Attributes:
+        weights: float64 ``[B, T]`` on the CPU; block b's combined gradient is
+            ``sum_t weights[b, t] * g_t``.
+        projected: optional bool ``[B, T, T]`` for statistics (PCGrad: task i
+            was projected onto the normal plane of task j); None for methods
+            without such a notion.
+    """
+
+    weights: Tensor
+    projected: Tensor | None = None
+
+
+class Aggregator(abc.ABC):
+    """Maps a batch of Gram matrices of T task gradients to combination weights."""
+
+    name: str  # registry name, e.g. "pcgrad"
+
+    def draw(self, num_tasks: int, generator: torch.Generator | None) -> Tensor | None:
+        """Per-step random draw, made by the wrapper once per step from its seeded generator.
+
+        PCGrad: the visiting orders ``[T, T-1]``; Random (RLW): its weights.
+        Under DDP the wrapper broadcasts rank 0's draw. ``None`` (the default)
+        for deterministic methods.
+        """
+        return None
+
+    @abc.abstractmethod
+    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+        """Combination weights for each block.
+
+        Args:
+            gram: float64 ``[B, T, T]`` on the CPU, finite, symmetric positive
+                semi-definite (one block per granularity unit).
+            draw: what :meth:`draw` returned this step (``None`` for
+                deterministic methods).
+        """
+
+    def head_weight(self, num_tasks: int) -> float:
+        """Weight of a task-specific parameter's (a head's) own plain gradient.
+
+        1.0 by default; 1/T for Mean and PCGrad(reduction='mean').
+        """
+        return 1.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint ({} for stateless methods)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} is stateless but load_state_dict got keys {sorted(state)}"
+            )
+
+    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Convenience for a single step outside the wrapper: draw, then aggregate; ``[B, T]``."""
+        gram = checked_gram(gram)
+        return self.aggregate(gram, self.draw(gram.shape[-1], generator)).weights
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def checked_gram(gram: Tensor) -> Tensor:
+    """Validate a ``[B, T, T]`` Gram batch and return it as float64 on the CPU.
+
+    Raises ``ValueError`` naming ``gram`` on a wrong shape, dtype or a non-finite entry.
+    """
+    if gram.dim() != 3:
+        raise ValueError(f"gram must have shape [B, T, T], got {list(gram.shape)}")
+    _check_gram(gram)
+    return gram.detach().to(device="cpu", dtype=torch.float64)
+
+
+class BlockAggregator(Aggregator):
+    """An aggregator that handles each Gram block on its own, on a rescaled copy.
+
+    Subclasses implement :meth:`block_weights` on ``gram / max(diag(gram))``, a
+    matrix of order one whatever the gradients' scale (1e-30 or 1e30 alike), so
+    their solvers can use absolute tolerances. This is exact for every method
+    here whose weights do not change when all gradients are scaled by one
+    factor; the others undo the rescaling themselves (FairGrad). A block whose
+    gradients are all zero gets :meth:`zero_weights`.
+    """
+
+    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+        gram = checked_gram(gram)
+        num_blocks, num_tasks, _ = gram.shape
+        blocks = gram.numpy()
+        weights = np.empty((num_blocks, num_tasks))
+        for b in range(num_blocks):
+            scale = float(blocks[b].diagonal().max())
+            if scale <= _ZERO_NORM**2:
+                weights[b] = self.zero_weights(num_tasks)
+            else:
+                weights[b] = self.block_weights(blocks[b] / scale, scale, b)
+        return Aggregation(torch.from_numpy(weights))
+
+    @abc.abstractmethod
+    def block_weights(self, gram: np.ndarray, scale: float, block: int) -> np.ndarray:
+        """Weights ``[T]`` for one block; ``gram`` is divided by ``scale`` (its largest diagonal)."""
+
+    def zero_weights(self, num_tasks: int) -> np.ndarray:
+        """Weights of a block whose gradients are all zero (any weights give a zero update)."""
+        return np.full(num_tasks, self.head_weight(num_tasks))
+
+
+_REGISTRY: dict[str, type[Aggregator]] = {}
+
+_A = TypeVar("_A", bound=type[Aggregator])
+
+
+def _key(name: str) -> str:
+    # "Nash-MTL", "nash_mtl" and "nashmtl" all name the same method.
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def register(cls: _A) -> _A:
+    """Class decorator adding an aggregator to the registry under ``cls.name``."""
+    key = _key(cls.name)
+    if key in _REGISTRY and _REGISTRY[key] is not cls:
+        raise ValueError(f"aggregator name {cls.name!r} is already registered")
+    _REGISTRY[key] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Registry names of every aggregator, sorted."""
+    return sorted(cls.name for cls in _REGISTRY.values())
+
+
+def from_name(name: str, **kwargs: Any) -> Aggregator:
+    """Build an aggregator from its registry name (case-insensitive; '-' and '_' ignored).
+
+    Keyword arguments go to the aggregator's constructor, e.g.
+    ``from_name("cagrad", c=0.4)``.
+
+    Raises:
+        ValueError: on an unknown name, listing the valid ones.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"aggregator name must be a str, got {type(name).__name__}")
+    cls = _REGISTRY.get(_key(name))
+    if cls is None:
+        raise ValueError(f"unknown aggregator {name!r}; valid names: {', '.join(available())}")
+    return cls(**kwargs)
