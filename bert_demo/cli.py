@@ -32,6 +32,7 @@ from bert_demo.config import (
     field_type,
     preset_config,
 )
+from bert_demo.speed import PRECISIONS
 from bert_demo.tasks import TASKS
 
 DEFAULT_PRESET = "quick"
@@ -94,9 +95,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> 
         kind, _ = field_type(spec)
         choices = spec.metadata.get("choices")
         kwargs: dict[str, Any] = {"default": None, "help": _help(spec), "dest": spec.name}
+        if spec.metadata.get("method") and not methods:
+            continue  # ablate sets the methods per row
         if kind is bool:
-            if spec.metadata.get("method") and not methods:
-                continue
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is tuple:
             kwargs.update(nargs="+", choices=choices)
@@ -109,11 +110,18 @@ def _add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> 
         parser.add_argument(_flag(spec), **kwargs)
 
 
-def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+def _add_runtime_flags(parser: argparse.ArgumentParser, precision: bool = False) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+                        help="torch CPU threads (default: all cores, i.e. torch's count of "
+                        f"physical cores unless OMP_NUM_THREADS is set: {torch.get_num_threads()}"
+                        " here)")
+    if precision:
+        # train and ablate take --precision from TrainConfig (it is saved with the run).
+        parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                            help="forward passes in bf16 autocast or fp32; auto: bf16 where "
+                            "the CPU/GPU has bf16 units (default: auto)")
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="dev metrics of a trained run")
     _add_run_flags(evaluate)
-    _add_runtime_flags(evaluate)
+    _add_runtime_flags(evaluate, precision=True)
 
     predict = sub.add_parser("predict", help="predictions for labeled or unlabeled files, to CSV")
     _add_run_flags(predict, eval_limit=False)
@@ -181,14 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="task of --input (default: guessed from each file name)")
     predict.add_argument("--output", default=None,
                          help="CSV path for one --input, else a folder (default: RUN/predictions)")
-    _add_runtime_flags(predict)
+    _add_runtime_flags(predict, precision=True)
 
     analyze = sub.add_parser("analyze", help="SST confusion matrix and the largest dev errors")
     _add_run_flags(analyze)
     analyze.add_argument("--out", default=None, help="folder for the report (default: RUN/analysis)")
     analyze.add_argument("--top", type=_positive_int, default=10, metavar="INT",
                          help="errors listed per task (default: 10)")
-    _add_runtime_flags(analyze)
+    _add_runtime_flags(analyze, precision=True)
 
     ablate = sub.add_parser("ablate", help="the paper's ten ablation rows over N seeds")
     _add_config_flags(ablate, methods=False)
@@ -200,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of all runs and the table (default: runs/ablation)")
     ablate.add_argument("--no-progress", action="store_true",
                         help="no progress bars (default: progress bars)")
+    ablate.add_argument("--jobs", type=_positive_int, default=1, metavar="INT",
+                        help="runs trained at once, in separate processes that split the "
+                        "threads (--threads or all cores) evenly (default: 1)")
     _add_runtime_flags(ablate)
     return parser
 
@@ -215,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             _fail(parser, f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    from bert_demo.ablate import AblationFailed
     from bert_demo.optim import FeatureUnavailable
     from bert_demo.run_dir import RunDirError
 
@@ -224,6 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
+    except AblationFailed as e:
+        # Not a usage error: the other runs finished and their table was written.
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, FeatureUnavailable, RunDirError) as e:
         _fail(parser, str(e))
     return 2
@@ -264,6 +280,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _autocast_for(args: argparse.Namespace, device: torch.device) -> Any:
+    """The --precision of evaluate/predict/analyze as an autocast context."""
+    from bert_demo.speed import autocast, resolve_precision
+
+    return autocast(resolve_precision(args.precision, device), device)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from bert_demo.data import find_data_dir, load_split
     from bert_demo.evaluate import evaluate
@@ -274,7 +297,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     data_dir = find_data_dir(args.data if args.data is not None else config.data)
     dev = load_split(data_dir, tuple(model.heads), "dev", args.max_eval_examples,
                      random_subset=False)
-    metrics = evaluate(model, dev, tokenizer, config.max_length, config.eval_batch_size, device)
+    with _autocast_for(args, device):
+        metrics = evaluate(model, dev, tokenizer, config.max_length, config.eval_batch_size,
+                           device)
     print(json.dumps(metrics, indent=2))
     run = Path(args.run)
     if run.is_dir():
@@ -285,8 +310,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from bert_demo.predict import predict_files
+    from bert_demo.run_dir import resolve_device
 
-    written = predict_files(args.run, args.input, args.task, args.output, args.data, args.device)
+    with _autocast_for(args, resolve_device(args.device)):
+        written = predict_files(args.run, args.input, args.task, args.output, args.data,
+                                args.device)
     for path, rows in written:
         print(f"{path}: {rows} rows")
     return 0
@@ -294,8 +322,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from bert_demo.analyze import analyze
+    from bert_demo.run_dir import resolve_device
 
-    report = analyze(args.run, args.out, args.top, args.data, args.max_eval_examples, args.device)
+    with _autocast_for(args, resolve_device(args.device)):
+        report = analyze(args.run, args.out, args.top, args.data, args.max_eval_examples,
+                         args.device)
     print(f"wrote {report}")
     return 0
 
@@ -306,7 +337,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
     base = config_from_args(args)
     table = run_ablation(base, Path(args.out), args.seeds, rows=args.rows, device=args.device,
-                         progress=not args.no_progress, train=train)
+                         progress=not args.no_progress, train=train, jobs=args.jobs,
+                         threads=torch.get_num_threads())
     print(table.read_text())
     return 0
 

@@ -40,11 +40,13 @@ from bert_demo.batching import (
 )
 from bert_demo.config import TrainConfig
 from bert_demo.data import find_data_dir, load_split
+from bert_demo.dev_predictions import DEV_PREDICTIONS, write_dev_predictions
 from bert_demo.distributed import Ranks, rank_seed
-from bert_demo.evaluate import evaluate
+from bert_demo.evaluate import TaskPredictions, evaluate_with_predictions
+from bert_demo.mnrl import MNRL_TASK, multiple_negatives_ranking_loss
 from bert_demo.model import load_pretrained, resolve_model_path
 from bert_demo.multitask import MultitaskBert
-from bert_demo.optim import make_optimizer, make_schedule, wrap_pcgrad
+from bert_demo.optim import make_optimizer, make_schedule, wrap_aggregator, wrap_pcgrad
 from bert_demo.regularization import SmartTerms
 from bert_demo.run_dir import (
     CHECKPOINT,
@@ -61,6 +63,7 @@ from bert_demo.run_dir import (
     save_torch,
     write_json,
 )
+from bert_demo.speed import autocast, resolve_adamw_impl, resolve_precision
 from bert_demo.tasks import get_task, model_tasks
 from bert_demo.tokenizer import WordPieceTokenizer
 
@@ -137,6 +140,10 @@ class Trainer:
         self.ranks = ranks if ranks is not None else Ranks()
         self.out = Path(out_dir)
         self.device = resolve_device(None if device is None else str(device))
+        # What this run computes in (auto and fused resolved for this machine).
+        self.precision = resolve_precision(config.precision, self.device)
+        self.adamw_impl = (resolve_adamw_impl(config.adamw_impl)
+                           if config.optimizer == "adamw" else None)
         self.progress = progress
         self.on_step = on_step
         # Read the data before touching the run folder: a bad --data leaves nothing behind.
@@ -173,6 +180,8 @@ class Trainer:
         self.step = 0
         self.elapsed = 0.0
         self.last_metrics: dict[str, float] = {}
+        # The latest evaluation's per-example dev predictions (for ablation statistics).
+        self.last_predictions: dict[str, TaskPredictions] | None = None
         if resume:
             self._load_checkpoint()
 
@@ -199,7 +208,7 @@ class Trainer:
                     f"{self.out} already holds a run ({CHECKPOINT}); pass --resume to continue "
                     "it or choose another --out"
                 )
-            for name in (METRICS, FINAL):
+            for name in (METRICS, FINAL, DEV_PREDICTIONS):
                 (self.out / name).unlink(missing_ok=True)
             save_config(self.config, saved_config)
 
@@ -209,11 +218,15 @@ class Trainer:
         groups: list[dict[str, Any]] = [{"params": self.model.head_parameters(), "lr": head_lr}]
         if config.mode == "finetune":
             groups.insert(0, {"params": list(self.model.encoder.parameters()), "lr": config.lr})
-        optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
+        optimizer = make_optimizer(config.optimizer, groups, config.weight_decay,
+                                   self.adamw_impl or "for-loop")
         if config.pcgrad:
             # With several processes PCGrad averages each task's gradient over them
             # before the surgery, which then runs on the global task gradients.
             optimizer = wrap_pcgrad(optimizer, self.pcgrad_generator, self.ranks.group)
+        elif config.aggregator is not None:
+            optimizer = wrap_aggregator(optimizer, config.aggregator, self.pcgrad_generator,
+                                        self.ranks.group)
         return optimizer
 
     # ------------------------------------------------------------------ checkpoints
@@ -303,24 +316,34 @@ class Trainer:
                 sts_aug=config.sts_aug,
             ).to(self.device)
             assert batch.labels is not None  # training files are labeled
-            embeds = model.embed(batch.input_ids, batch.token_type_ids)
-            output = model.forward_from_embeddings(task, embeds, batch.attention_mask)
-            loss = get_task(task).loss(output, batch.labels)
-            stats[f"loss_{task}"] = loss.item()
-            if self.smart is not None:
-                extra, smart_stats = self.smart.terms(task, batch, embeds, output)
-                loss = loss + extra
-                stats.update({f"{k}_{task}": v for k, v in smart_stats.items()})
+            # Forward passes (SMART's and the teacher's too) in the run's precision;
+            # the outputs go back to float32 before any loss reads them.
+            with autocast(self.precision, self.device):
+                embeds = model.embed(batch.input_ids, batch.token_type_ids)
+                output, vectors = model.forward_with_vectors(task, embeds, batch.attention_mask)
+                output = output.float()
+                loss = get_task(task).loss(output, batch.labels)
+                stats[f"loss_{task}"] = loss.item()
+                if task == MNRL_TASK and config.mnrl_weight > 0:
+                    anchors, candidates = vectors.float().chunk(2)
+                    mnrl = multiple_negatives_ranking_loss(
+                        anchors, candidates, batch.labels, config.mnrl_scale)
+                    stats["mnrl"] = mnrl.item()
+                    loss = loss + config.mnrl_weight * mnrl
+                if self.smart is not None:
+                    extra, smart_stats = self.smart.terms(task, batch, embeds, output)
+                    loss = loss + extra
+                    stats.update({f"{k}_{task}": v for k, v in smart_stats.items()})
             losses.append(loss)
         self.optimizer.zero_grad(set_to_none=True)
-        if config.pcgrad:
+        if config.combines_task_gradients:
             self.optimizer.backward(losses)  # type: ignore[attr-defined]
         else:
             torch.stack(losses).sum().backward()
             self.ranks.average_gradients(self.model.parameters())
         self.optimizer.step()
         self.schedule.step()
-        if config.pcgrad:
+        if config.combines_task_gradients:
             stats.update(pcgrad_summary(self.optimizer, config.tasks))
         if self.smart is not None:
             self.smart.after_step(model)
@@ -331,14 +354,21 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(
-            self.model,
-            self.dev_sets,
-            self.tokenizer,
-            self.config.max_length,
-            self.config.eval_batch_size,
-            self.device,
-        )
+        metrics, self.last_predictions = self._evaluate_with_predictions()
+        return metrics
+
+    def _evaluate_with_predictions(
+        self,
+    ) -> tuple[dict[str, float], dict[str, TaskPredictions]]:
+        with autocast(self.precision, self.device):
+            return evaluate_with_predictions(
+                self.model,
+                self.dev_sets,
+                self.tokenizer,
+                self.config.max_length,
+                self.config.eval_batch_size,
+                self.device,
+            )
 
     def _log_eval(self) -> dict[str, float]:
         def evaluate_and_log() -> dict[str, float]:
@@ -415,9 +445,15 @@ class Trainer:
             "epochs": self.step / self.per_epoch,
             "wall_s": round(self.elapsed, 1),
             "dev": self.last_metrics,
+            # How it ran: --precision/--adamw-impl as resolved here, and torch's threads.
+            "precision": self.precision,
+            "adamw_impl": self.adamw_impl,
+            "threads": torch.get_num_threads(),
             "config": config.to_dict(),
         }
         if main:
+            if self.last_predictions is not None:
+                write_dev_predictions(self.out / DEV_PREDICTIONS, self.last_predictions)
             write_json(self.out / FINAL, final)
         return final
 

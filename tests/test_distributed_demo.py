@@ -229,7 +229,7 @@ def test_torchrun_runs_the_command_line(tiny: Path) -> None:
         "--batch-sst", "3", "--batch-para", "2", "--batch-sts", "2", "--max-length", "16",
         "--epochs", "1", "--max-steps", "2", "--lr", "1e-3", "--eval-batch-size", "4",
         "--log-every", "1", "--pcgrad", "--smart", "--device", "cpu", "--no-progress",
-        "--threads", "1",
+        "--threads", "1", "--adamw-impl", "for-loop", "--precision", "fp32",
     ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
