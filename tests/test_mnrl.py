@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from demo_fixtures import write_tiny_data, write_tiny_model
 
+import gradtools
 from bert_demo.config import TrainConfig
 from bert_demo.mnrl import multiple_negatives_ranking_loss as mnrl
+from bert_demo.train import Trainer
 
 
 def test_value_for_orthogonal_candidates() -> None:
@@ -99,3 +104,47 @@ def test_aggregator_replaces_pcgrad() -> None:
         TrainConfig(aggregator="nope")
     with pytest.raises(ValueError, match="at least two tasks"):
         TrainConfig(aggregator="mean", tasks=("sst",))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return write_tiny_model(root / "model"), write_tiny_data(root / "data")
+
+
+def _tiny_trainer(tiny: tuple[Path, Path], out: Path, **overrides: Any) -> Trainer:
+    model_dir, data_dir = tiny
+    config = TrainConfig(model=str(model_dir), data=str(data_dir), batch_sst=3, batch_para=4,
+                         batch_sts=2, max_length=16, epochs=1, steps_per_epoch=2, lr=1e-3,
+                         eval_batch_size=4, pooling="mean", **overrides)
+    return Trainer(config, out, progress=False)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_training_adds_mnrl_to_the_quora_loss(tiny, tmp_path) -> None:
+    def first_step(out: str, **overrides: Any) -> tuple[dict[str, float], torch.Tensor]:
+        trainer = _tiny_trainer(tiny, tmp_path / out, seed=3, **overrides)  # re-seeds torch
+        grads: list[torch.Tensor] = []
+        weight = trainer.model.encoder.layers[0].ffn_in.weight
+        trainer.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: grads.append(weight.grad.clone()))
+        return trainer.training_step(), grads[0]
+
+    stats, grad = first_step("mnrl", mnrl_weight=0.5)
+    plain, plain_grad = first_step("plain")
+    # Same batches and dropout, same task losses; MNRL is logged and adds to the gradient.
+    assert stats["loss_para"] == pytest.approx(plain["loss_para"])
+    assert stats["mnrl"] > 0 and "mnrl" not in plain
+    assert not torch.allclose(grad, plain_grad)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_training_with_another_aggregator(tiny, tmp_path) -> None:
+    trainer = _tiny_trainer(tiny, tmp_path / "upgrad", aggregator="upgrad")
+    assert isinstance(trainer.optimizer, gradtools.MultiTask)
+    assert trainer.optimizer.aggregator.name == "upgrad"
+    before = [p.detach().clone() for p in trainer.model.encoder.parameters()]
+    stats = trainer.training_step()
+    assert "pcgrad_cos_sst_para" in stats  # the step's task-gradient statistics
+    assert any(not torch.equal(a, b) for a, b in zip(
+        before, trainer.model.encoder.parameters(), strict=True))
