@@ -149,3 +149,21 @@ def test_ctrl_c_saves_a_checkpoint_after_the_current_step(tiny, tmp_path) -> Non
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert state["step"] >= 1 and state["step"] == logged[-1]
+
+
+def test_ablate_exits_1_naming_a_failed_run(monkeypatch, capsys, tmp_path) -> None:
+    import bert_demo.ablate
+
+    seen: dict[str, object] = {}
+
+    def failing(base, out, seeds, **kwargs):
+        seen.update(kwargs)
+        raise bert_demo.ablate.AblationFailed("1 ablation run(s) failed: smart/seed0 (boom)")
+
+    monkeypatch.setattr(bert_demo.ablate, "run_ablation", failing)
+    code = main(["ablate", "--out", str(tmp_path), "--jobs", "2", "--threads", "2",
+                 "--no-progress"])
+    assert code == 1
+    assert "smart/seed0 (boom)" in capsys.readouterr().err
+    assert seen["jobs"] == 2 and seen["threads"] == 2
+    assert "must be >= 1, got '0'" in fails(["ablate", "--jobs", "0"], capsys)
