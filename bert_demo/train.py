@@ -316,24 +316,26 @@ class Trainer:
                 sts_aug=config.sts_aug,
             ).to(self.device)
             assert batch.labels is not None  # training files are labeled
-            # Forward passes (SMART's and the teacher's too) in the run's precision;
-            # the outputs go back to float32 before any loss reads them.
+            # Forward passes (SMART's and the teacher's too) run in the run's precision;
+            # the losses outside autocast, in float32 (MNRL's matmul included).
             with autocast(self.precision, self.device):
                 embeds = model.embed(batch.input_ids, batch.token_type_ids)
                 output, vectors = model.forward_with_vectors(task, embeds, batch.attention_mask)
-                output = output.float()
-                loss = get_task(task).loss(output, batch.labels)
-                stats[f"loss_{task}"] = loss.item()
-                if task == MNRL_TASK and config.mnrl_weight > 0:
-                    anchors, candidates = vectors.float().chunk(2)
-                    mnrl = multiple_negatives_ranking_loss(
-                        anchors, candidates, batch.labels, config.mnrl_scale)
-                    stats["mnrl"] = mnrl.item()
-                    loss = loss + config.mnrl_weight * mnrl
-                if self.smart is not None:
+            output = output.float()
+            loss = get_task(task).loss(output, batch.labels)
+            stats[f"loss_{task}"] = loss.item()
+            if task == MNRL_TASK and config.mnrl_weight > 0:
+                anchors, candidates = vectors.float().chunk(2)
+                mnrl = multiple_negatives_ranking_loss(
+                    anchors, candidates, batch.labels, config.mnrl_scale)
+                stats["mnrl"] = mnrl.item()
+                loss = loss + config.mnrl_weight * mnrl
+            if self.smart is not None:
+                # gradtools.SMART keeps its perturbation and divergences in float32.
+                with autocast(self.precision, self.device):
                     extra, smart_stats = self.smart.terms(task, batch, embeds, output)
-                    loss = loss + extra
-                    stats.update({f"{k}_{task}": v for k, v in smart_stats.items()})
+                loss = loss + extra
+                stats.update({f"{k}_{task}": v for k, v in smart_stats.items()})
             losses.append(loss)
         self.optimizer.zero_grad(set_to_none=True)
         if config.combines_task_gradients:
