@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
 
+from bert_demo.ablate import run_ablation
 from bert_demo.ablation_conclusions import conclusions
 from bert_demo.ablation_stats import (
     Comparison,
@@ -18,7 +22,15 @@ from bert_demo.ablation_stats import (
     seed_interval,
     t_quantile,
 )
-from bert_demo.dev_predictions import DevPredictions
+from bert_demo.config import TrainConfig
+from bert_demo.dev_predictions import (
+    DEV_PREDICTIONS,
+    DevPredictions,
+    read_dev_predictions,
+    write_dev_predictions,
+)
+from bert_demo.evaluate import TaskPredictions
+from bert_demo.run_dir import FINAL
 
 
 @pytest.mark.parametrize(("df", "expected"), [(1, 12.7062), (2, 4.3027), (4, 2.7764),
@@ -155,3 +167,52 @@ def test_one_seed_or_missing_rows_are_inconclusive() -> None:
     partial = {k: v for k, v in _ablation(quality, seeds=3).items() if k != "stsaug"}
     found = conclusions(partial, replicates=300)
     assert found[2].status == "inconclusive" and "rows not run: stsaug" in found[2].evidence
+
+
+def _write_run(folder: Path, run: Run) -> None:
+    """A finished run's files as train writes them: final.json and dev_predictions.csv.gz."""
+    folder.mkdir(parents=True)
+    (folder / FINAL).write_text(json.dumps({"wall_s": 60.0, "dev": dict(run.dev)}))
+    assert run.predictions is not None
+    results = {task: TaskPredictions(task, list(p.ids), torch.zeros(len(p.ids)),
+                                     list(p.predicted), list(p.gold))
+               for task, p in run.predictions.items()}
+    write_dev_predictions(folder / DEV_PREDICTIONS, results)
+
+
+def test_ablation_files_give_the_known_differences(tmp_path: Path) -> None:
+    # SMART right on 60 more of 300 examples than the baseline on every seed.
+    for seed in range(3):
+        _write_run(tmp_path / "finetune" / f"seed{seed}", _run(seed, 150 + seed, 2.0))
+        _write_run(tmp_path / "smart" / f"seed{seed}", _run(seed, 210 + seed, 2.0))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("every run is there already")
+
+    table = run_ablation(TrainConfig(), tmp_path, seeds=3, rows=["finetune", "smart"],
+                         progress=False, train=no_training).read_text()
+    document = json.loads((tmp_path / "ablation.json").read_text())
+    sst = document["rows"]["SMART"]["vs_finetune"]["sst_acc"]
+    assert sst["mean"] == pytest.approx(60 / 300, abs=1e-4)  # 4 decimals in the files
+    assert sst["seed_interval"] == pytest.approx([0.2, 0.2], abs=1e-4)  # no spread over seeds
+    assert sst["example_interval"][0] > 0.1 and sst["verdict"] == "better"
+    assert "| SMART | +0.200 seeds [+0.200, +0.200]" in table
+    assert "**inconclusive**: rows not run" in table  # the other rows were not run
+
+    # The same files read as one seed: differences, but no interval and no verdict.
+    run_ablation(TrainConfig(), tmp_path, seeds=1, rows=["finetune", "smart"], progress=False,
+                 train=no_training)
+    one = json.loads((tmp_path / "ablation.json").read_text())["rows"]["SMART"]["vs_finetune"]
+    assert one["sst_acc"]["seed_interval"] is None and one["sst_acc"]["verdict"] == "unclear"
+
+
+def test_dev_predictions_round_trip_and_bad_files(tmp_path: Path) -> None:
+    run = _run(0, 100, 1.0, n=20)
+    _write_run(tmp_path / "r", run)
+    back = read_dev_predictions(tmp_path / "r" / DEV_PREDICTIONS)
+    assert back["sst"] == run.predictions["sst"]
+    assert back["sts"].predicted == pytest.approx(run.predictions["sts"].predicted, abs=5e-5)
+    bad = tmp_path / "bad.csv.gz"
+    bad.write_bytes(gzip.compress(b"task,id,prediction,gold\nsst,a,1,x\n"))
+    with pytest.raises(ValueError, match=r"bad.csv.gz:2: prediction and gold must be numbers"):
+        read_dev_predictions(bad)
