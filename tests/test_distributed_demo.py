@@ -26,6 +26,7 @@ from rank_launcher import run_ranks
 
 import bert_demo.train as train_module
 from bert_demo.config import TrainConfig
+from bert_demo.dev_predictions import DEV_PREDICTIONS
 from bert_demo.distributed import Ranks
 from bert_demo.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError
 from bert_demo.train import Trainer
@@ -244,7 +245,7 @@ def test_torchrun_runs_the_command_line(tiny: Path) -> None:
     # Rank 0 alone printed the summary and wrote the run folder.
     assert done.stdout.count('"out"') == 1, done.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", CHECKPOINT, METRICS, FINAL]
+        ["config.json", CHECKPOINT, METRICS, FINAL, DEV_PREDICTIONS]
     )
     records = [json.loads(x) for x in (out / METRICS).read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]
