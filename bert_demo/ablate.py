@@ -1,23 +1,33 @@
-"""`ablate`: the paper's ten-row table, each row over N seeds.
+"""`ablate`: the paper's ten-row table and two rows beyond it, each row over N seeds.
 
 Every run trains in its own folder ``OUT/<row>/seed<k>``; a run whose final.json
 exists is skipped and one with only a checkpoint is resumed, so rerunning the
-command continues where it stopped. The table (mean +- std over seeds, beside the
-paper's numbers) goes to OUT/ablation.md, the numbers to OUT/ablation.json and a
-bar chart to OUT/ablation.png.
+command continues where it stopped. ``--jobs N`` trains N runs at once in
+separate processes that split the threads; a run that fails does not stop the
+others, and ablate exits non-zero afterwards naming it. The table (mean +- std
+over seeds, the paper's numbers beside, paired differences against the finetune
+baseline and what they say about the report's conclusions) goes to
+OUT/ablation.md, the numbers to OUT/ablation.json and a bar chart to
+OUT/ablation.png.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from bert_demo.ablation_conclusions import conclusions
+from bert_demo.ablation_stats import Comparison, Run, compare
 from bert_demo.config import TrainConfig
+from bert_demo.dev_predictions import DEV_PREDICTIONS, read_dev_predictions
 from bert_demo.run_dir import CHECKPOINT, FINAL
+from bert_demo.speed import threads_for_jobs
 from bert_demo.tasks import PAPER_TASKS, TASKS
 
 
@@ -28,6 +38,10 @@ class TrainFunction(Protocol):
                  device: str | None, progress: bool) -> Any: ...
 
 
+class AblationFailed(RuntimeError):
+    """Some runs failed; the others finished and the table covers them."""
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
@@ -36,7 +50,7 @@ class Row:
     aliases: tuple[str, ...] = ()  # older slugs, still accepted by --rows
 
 
-ROWS: tuple[Row, ...] = (
+PAPER_ROWS: tuple[Row, ...] = (
     Row("single-task SST baseline", "single-sst", {"tasks": ("sst",)}),
     Row("pretrained baseline (frozen encoder)", "frozen", {"mode": "frozen"},
         aliases=("pretrain",)),
@@ -49,21 +63,61 @@ ROWS: tuple[Row, ...] = (
     Row("PCGrad + stsAug", "pcgrad-stsaug", {"pcgrad": True, "sts_aug": True}),
     Row("SMART + PCGrad + stsAug", "all", {"smart": True, "pcgrad": True, "sts_aug": True}),
 )
+# Beyond the paper: its future work, MNRL (see bert_demo.mnrl) on top of its best
+# combination, and another gradient aggregator in PCGrad's place.
+MNRL_ROW_WEIGHT = 0.5  # not tuned: MNRL starts near log(batch) ~ 2.8, BCE near 0.7
+ROW_AGGREGATOR = "upgrad"  # gradtools.aggregation's UPGrad (Quinton & Rey 2024)
+ROW_AGGREGATOR_NAME = "UPGrad"
+EXTRA_ROWS: tuple[Row, ...] = (
+    Row("+MNRL (SMART + PCGrad + stsAug + MNRL)", "all-mnrl",
+        {"smart": True, "pcgrad": True, "sts_aug": True, "mnrl_weight": MNRL_ROW_WEIGHT}),
+    Row(f"SMART + {ROW_AGGREGATOR_NAME} + stsAug", f"smart-{ROW_AGGREGATOR}-stsaug",
+        {"smart": True, "aggregator": ROW_AGGREGATOR, "sts_aug": True}),
+)
+ROWS = PAPER_ROWS + EXTRA_ROWS
 
 # The paper's three tasks' metrics and the overall score, as table columns.
 METRICS = (*(TASKS[t].metric_name for t in PAPER_TASKS), "overall")
 HEADERS = (*(TASKS[t].metric_title for t in PAPER_TASKS), "overall")
 
-# The paper's dev numbers (bert-base, official Quora split) per row, when known.
-# They could not be retrieved while this was written, so the column is left open
-# rather than filled with guesses; fill it in from the paper's table.
-PAPER_DEV_SCORES: dict[str, dict[str, float]] = {}
+# The report's numbers (../shared/paper-results.md, section 4.4 of the report):
+# bert-base-uncased, official CS224N splits, one run per row. Empty cells there
+# are absent here; only three rows went to the test set.
+PAPER_DEV_SCORES: dict[str, dict[str, float]] = {
+    "single-sst": {"sst_acc": 0.515},
+    "frozen": {"sst_acc": 0.404, "para_acc": 0.550, "sts_pearson": 0.223},
+    "finetune": {"sst_acc": 0.511, "para_acc": 0.750, "sts_pearson": 0.345},
+    "smart": {"sst_acc": 0.502, "para_acc": 0.759, "sts_pearson": 0.371},
+    "pcgrad": {"sst_acc": 0.500, "para_acc": 0.760, "sts_pearson": 0.352},
+    "stsaug": {"sst_acc": 0.489, "para_acc": 0.768, "sts_pearson": 0.352},
+    "smart-pcgrad": {"sst_acc": 0.510, "para_acc": 0.758, "sts_pearson": 0.360},
+    "smart-stsaug": {"sst_acc": 0.524, "para_acc": 0.774, "sts_pearson": 0.343},
+    "pcgrad-stsaug": {"sst_acc": 0.499, "para_acc": 0.757, "sts_pearson": 0.360},
+    "all": {"sst_acc": 0.525, "para_acc": 0.752, "sts_pearson": 0.375},
+}
+PAPER_TEST_SCORES: dict[str, dict[str, float]] = {
+    "smart-pcgrad": {"sst_acc": 0.525, "para_acc": 0.762, "sts_pearson": 0.336},
+    "smart-stsaug": {"sst_acc": 0.512, "para_acc": 0.779, "sts_pearson": 0.331},
+    "all": {"sst_acc": 0.520, "para_acc": 0.755, "sts_pearson": 0.334},
+}
+REFERENCE_ROW = "finetune"  # what every row's paired differences are against
+
+COMPARABILITY = (
+    "Paper: the report's dev numbers (bert-base-uncased, 110M parameters, through the "
+    "students' minBERT; official CS224N splits with 141,506 Quora training pairs; one run "
+    "per row, the checkpoint with the best overall dev score). Ours: MiniLM-L6-H384 (22M "
+    "parameters), a reduced Quora split (16,000 training and 2,000 dev pairs cut from the "
+    "official dev file), like the paper the weights with the best overall dev score of each "
+    "run (best.safetensors), mean ± std over seeds. Levels are not comparable (other "
+    "encoder; Quora also another split); compare the differences between rows. The paper's overall (*) is computed here from its three numbers with the "
+    "leaderboard formula, mean(SST, Quora, (r + 1) / 2); '—' where the report gives no number."
+)
 
 
 def row_config(base: TrainConfig, row: Row, seed: int) -> TrainConfig:
     """The base settings with the row's methods switched on (and only those)."""
-    methods = {"smart": False, "pcgrad": False, "sts_aug": False, "mode": "finetune",
-               "tasks": base.tasks}
+    methods = {"smart": False, "pcgrad": False, "sts_aug": False, "mnrl_weight": 0.0,
+               "aggregator": None, "mode": "finetune", "tasks": base.tasks}
     extra = {**base.extra, "ablation_row": row.name}
     return base.with_overrides(**{**methods, **row.overrides, "seed": seed, "extra": extra})
 
@@ -79,6 +133,30 @@ def select_rows(names: list[str] | None) -> tuple[Row, ...]:
     return tuple(known[n] for n in names)
 
 
+@dataclass(frozen=True)
+class _Job:
+    row: Row
+    seed: int
+    folder: Path
+    resume: bool
+
+
+def _train_job(train: TrainFunction, config: TrainConfig, job: _Job, device: str | None,
+               progress: bool) -> str | None:
+    """Train one run; the error message if it failed (so one failure stops no other run)."""
+    try:
+        train(config, job.folder, resume=job.resume, device=device, progress=progress)
+    except Exception as error:  # reported with the run's name once all runs are done
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _set_worker_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run_ablation(
     base: TrainConfig,
     out: Path,
@@ -88,28 +166,117 @@ def run_ablation(
     progress: bool = True,
     *,
     train: TrainFunction,
+    jobs: int = 1,
+    threads: int = 1,
 ) -> Path:
-    """Train every (row, seed) not finished yet with ``train``, then write the table."""
+    """Train every (row, seed) not finished yet with ``train``, then write the table.
+
+    ``jobs > 1`` trains that many runs at once in spawned processes with
+    ``threads // jobs`` torch threads each (``train`` must then be importable, like
+    bert_demo.train.train). Raises :class:`AblationFailed` after writing the table
+    of the finished runs when some run failed.
+    """
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
     selected = select_rows(rows)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[dict[str, Any]]] = {}
-    for row in selected:
-        for seed in range(seeds):
-            run_dir = out / row.slug / f"seed{seed}"
-            final_path = run_dir / FINAL
-            if not final_path.is_file():
-                config = row_config(base, row, seed)
-                resume = (run_dir / CHECKPOINT).is_file()
-                print(f"ablation: {row.name}, seed {seed} -> {run_dir}"
-                      + (" (resuming)" if resume else ""))
-                train(config, run_dir, resume=resume, device=device, progress=progress)
-            results.setdefault(row.name, []).append(json.loads(final_path.read_text()))
-    summary = summarize(results)
-    (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    pending = [
+        _Job(row, seed, out / row.slug / f"seed{seed}",
+             (out / row.slug / f"seed{seed}" / CHECKPOINT).is_file())
+        for row in selected for seed in range(seeds)
+        if not (out / row.slug / f"seed{seed}" / FINAL).is_file()
+    ]
+    failed: list[str] = []
+
+    def report(job: _Job, error: str | None) -> None:
+        if error is not None:
+            failed.append(f"{job.row.slug}/seed{job.seed} ({error})")
+            print(f"ablation: {job.row.name}, seed {job.seed} FAILED: {error}")
+
+    for job in pending:
+        print(f"ablation: {job.row.name}, seed {job.seed} -> {job.folder}"
+              + (" (resuming)" if job.resume else ""))
+    if jobs == 1 or len(pending) <= 1:
+        for job in pending:
+            config = row_config(base, job.row, job.seed)
+            report(job, _train_job(train, config, job, device, progress))
+    else:
+        each = threads_for_jobs(jobs, threads)
+        print(f"ablation: {min(jobs, len(pending))} runs at a time, {each} thread(s) each")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_set_worker_threads, initargs=(each,)) as pool:
+            # Progress bars of parallel runs would overwrite each other: none.
+            futures = [(job, pool.submit(_train_job, train, row_config(base, job.row, job.seed),
+                                         job, device, False)) for job in pending]
+            for job, future in futures:
+                report(job, future.result())
+    table = write_outputs(base, out, selected, seeds)
+    if failed:
+        raise AblationFailed(f"{len(failed)} ablation run(s) failed: " + "; ".join(failed)
+                             + f". The table {table} covers the finished runs; rerun the same "
+                             "command to retry the failed ones.")
+    return table
+
+
+def dev_scores(final: dict[str, Any]) -> dict[str, float]:
+    """A run's dev scores as the table reports them: those of its best weights.
+
+    The paper kept the checkpoint with the best overall dev score, so the table does
+    too (final.json's ``best``, the weights dev_predictions.csv.gz was computed from);
+    runs written before best weights existed, or whose every evaluation was NaN,
+    fall back to the last evaluation (``dev``).
+    """
+    best = final.get("best")
+    scores: dict[str, float] = best["dev"] if best else final["dev"]
+    return scores
+
+
+def load_runs(out: Path, row: Row, seeds: int) -> list[tuple[Run, dict[str, Any]]]:
+    """The finished runs of ``row`` among seeds 0..seeds-1, with their final.json."""
+    runs = []
+    for seed in range(seeds):
+        folder = out / row.slug / f"seed{seed}"
+        if not (folder / FINAL).is_file():
+            continue
+        final = json.loads((folder / FINAL).read_text())
+        predictions = (read_dev_predictions(folder / DEV_PREDICTIONS)
+                       if (folder / DEV_PREDICTIONS).is_file() else None)
+        runs.append((Run(seed, dev_scores(final), predictions), final))
+    return runs
+
+
+def write_outputs(base: TrainConfig, out: Path, rows: tuple[Row, ...], seeds: int) -> Path:
+    """ablation.md, ablation.json and ablation.png from the finished runs in ``out``."""
+    finished = {row.slug: load_runs(out, row, seeds) for row in rows}
+    finals = {row.name: [f for _, f in finished[row.slug]] for row in rows
+              if finished[row.slug]}
+    runs = {slug: [r for r, _ in pairs] for slug, pairs in finished.items() if pairs}
+    summary = summarize(finals)
+    reference = runs.get(REFERENCE_ROW, [])
+    differences: dict[str, dict[str, Comparison]] = {}
+    for row in rows:
+        if row.slug in runs and row.slug != REFERENCE_ROW and reference:
+            differences[row.name] = compare(runs[row.slug], reference)
+    for row in rows:
+        if row.name in summary:
+            summary[row.name]["slug"] = row.slug
+            summary[row.name]["paper_dev"] = PAPER_DEV_SCORES.get(row.slug, {})
+            summary[row.name]["paper_test"] = PAPER_TEST_SCORES.get(row.slug, {})
+            if row.name in differences:
+                summary[row.name]["vs_finetune"] = {
+                    m: c.to_dict() for m, c in differences[row.name].items()}
+    found = conclusions(runs)
+    document = {"rows": summary,
+                "conclusions": [{"number": c.number, "claim": c.claim, "status": c.status,
+                                 "evidence": c.evidence} for c in found]}
+    (out / "ablation.json").write_text(json.dumps(document, indent=2) + "\n")
     table = out / "ablation.md"
-    table.write_text(markdown_table(summary, base, seeds))
+    text = markdown_table(summary, base, seeds)
+    text += differences_table(differences)
+    text += conclusions_section(found)
+    table.write_text(text)
     plot(summary, out / "ablation.png")
     return table
 
@@ -125,38 +292,99 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         entry: dict[str, Any] = {"seeds": len(finals),
                                  "wall_s": statistics.fmean(f["wall_s"] for f in finals)}
         for metric in METRICS:
-            mean, std = _mean_std([float(f["dev"][metric]) for f in finals])
-            entry[metric] = {"mean": mean, "std": std}
+            scores = [dev_scores(f) for f in finals]
+            values = [float(s[metric]) for s in scores if metric in s]
+            if values:
+                mean, std = _mean_std(values)
+                entry[metric] = {"mean": mean, "std": std}
         summary[name] = entry
     return summary
 
 
-def _cell(stat: dict[str, float]) -> str:
+def _cell(stat: dict[str, float] | None) -> str:
+    if stat is None:
+        return "—"
     if math.isnan(stat["std"]):
         return f"{stat['mean']:.3f}"
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
+def paper_overall(scores: dict[str, float]) -> float | None:
+    """The leaderboard's overall from the report's three numbers (None if one is missing)."""
+    if not all(m in scores for m in ("sst_acc", "para_acc", "sts_pearson")):
+        return None
+    return (scores["sst_acc"] + scores["para_acc"] + (scores["sts_pearson"] + 1) / 2) / 3
+
+
+def _paper_cells(scores: dict[str, float]) -> list[str]:
+    cells = [f"{scores[m]:.3f}" if m in scores else "—" for m in METRICS[:3]]
+    total = paper_overall(scores)
+    return [*cells, "—" if total is None else f"{total:.3f}*"]
+
+
 def markdown_table(summary: dict[str, Any], base: TrainConfig, seeds: int) -> str:
+    slugs = {r.name: r.slug for r in ROWS}
     lines = [
-        f"Dev scores, mean ± std over {seeds} seed(s) (no ± with one seed). Paper: the "
-        "report's dev numbers (bert-base, official 141k Quora split); '—' where not filled in.",
+        f"Dev scores, mean ± std over {seeds} seed(s) (no ± with one seed).",
         "",
         "| row | " + " | ".join(HEADERS) + " | " + " | ".join(f"paper {h}" for h in HEADERS)
         + " | min/run |",
         "|---" * (1 + 2 * len(HEADERS) + 1) + "|",
     ]
     for name, entry in summary.items():
-        ours = [_cell(entry[m]) for m in METRICS]
-        known = PAPER_DEV_SCORES.get(name, {})
-        paper = [f"{known[m]:.3f}" if m in known else "—"
-                 for m in METRICS]
+        ours = [_cell(entry.get(m)) for m in METRICS]
+        paper = _paper_cells(PAPER_DEV_SCORES.get(slugs.get(name, ""), {}))
         lines.append(f"| {name} | " + " | ".join(ours) + " | " + " | ".join(paper)
                      + f" | {entry['wall_s'] / 60:.1f} |")
+    lines += ["", COMPARABILITY, "",
+              "The report's test numbers (three rows; ours are dev only, the test labels are "
+              "not public):", "", "| row | SST test | Quora test | STS test |", "|---|---|---|---|"]
+    for row in ROWS:
+        if row.slug in PAPER_TEST_SCORES:
+            test = PAPER_TEST_SCORES[row.slug]
+            lines.append(f"| {row.name} | " + " | ".join(
+                f"{test[m]:.3f}" for m in METRICS[:3]) + " |")
     settings = {k: v for k, v in base.to_dict().items()
-                if k not in ("smart", "pcgrad", "sts_aug", "mode", "seed", "extra")}
+                if k not in ("smart", "pcgrad", "sts_aug", "mnrl_weight", "aggregator", "mode",
+                             "seed", "extra")}
     lines += ["", "Settings shared by every row: `" + json.dumps(settings, sort_keys=True) + "`", ""]
     return "\n".join(lines)
+
+
+def _interval(bounds: tuple[float, float] | None) -> str:
+    return "n/a" if bounds is None else f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
+
+
+def differences_table(differences: dict[str, dict[str, Comparison]]) -> str:
+    """Row minus finetune baseline per metric: mean, seed t-interval, example bootstrap."""
+    lines = [
+        "## Paired differences against the finetune baseline", "",
+        "Each cell: mean over shared seeds of (row − finetune baseline); 95% interval over "
+        "seeds (Student t, n−1 df); 95% paired bootstrap over dev examples; verdict "
+        "(better/worse only when both intervals exclude 0; n/a: one seed or no saved "
+        "predictions).", "",
+        "| row | " + " | ".join(HEADERS) + " |", "|---" * (1 + len(HEADERS)) + "|",
+    ]
+    if not differences:
+        lines.append("| (no row shares a seed with the finetune baseline) |" + " |" * len(HEADERS))
+    for name, comparisons in differences.items():
+        cells = []
+        for metric in METRICS:
+            c = comparisons.get(metric)
+            cells.append("—" if c is None else (
+                f"{c.mean:+.3f} seeds {_interval(c.seed_interval)} examples "
+                f"{_interval(c.example_interval)} **{c.verdict}** (n={c.seeds})"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n"
+
+
+def conclusions_section(found: list[Any]) -> str:
+    lines = ["## What our numbers say", "",
+             "The report's four conclusions, each checked against our runs (generated from the "
+             "numbers above; a difference counts only when both its intervals exclude 0):", ""]
+    for c in found:
+        lines.append(f"{c.number}. {c.claim} **{c.status}**: {c.evidence}")
+    return "\n".join(lines) + "\n"
 
 
 def plot(summary: dict[str, Any], path: Path) -> Path:
@@ -166,23 +394,27 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(summary)
+    slugs = {r.name: r.slug for r in ROWS}
     # Any: the matplotlib type stubs here lag its real signatures.
     fig: Any
     ax: Any
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4.5))
     width = 0.8 / len(METRICS)
     for k, (metric, header) in enumerate(zip(METRICS, HEADERS, strict=True)):
-        means = [summary[n][metric]["mean"] for n in names]
-        stds = [summary[n][metric]["std"] for n in names]
+        means = [summary[n].get(metric, {"mean": math.nan})["mean"] for n in names]
+        stds = [summary[n].get(metric, {"std": math.nan})["std"] for n in names]
         # One seed has no spread: draw no error bars rather than zero-length ones.
         errors = None if all(math.isnan(s) for s in stds) else [
             0.0 if math.isnan(s) else s for s in stds]
         xs = [i + (k - (len(METRICS) - 1) / 2) * width for i in range(len(names))]
         ax.bar(xs, means, width, yerr=errors, capsize=2, label=header)
+        paper = [PAPER_DEV_SCORES.get(slugs.get(n, ""), {}).get(metric, math.nan)
+                 if metric != "overall" else math.nan for n in names]
+        ax.plot(xs, paper, "k_", markersize=8, label="paper (bert-base)" if k == 0 else None)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("dev score")
-    ax.legend(ncol=len(METRICS), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.12))
+    ax.legend(ncol=len(METRICS) + 1, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.12))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -28,6 +28,7 @@ from bert_demo.data import (
 )
 from bert_demo.evaluate import TaskPredictions, predict_task
 from bert_demo.run_dir import load_trained, resolve_device, run_folder
+from bert_demo.speed import run_autocast
 from bert_demo.tasks import get_task
 
 # What the largest errors are measured by, per kind of task.
@@ -112,8 +113,12 @@ def analyze(
     device: str | None = None,
     weights: str = "best",
     progress: bool = False,
+    precision: str | None = None,
 ) -> Path:
-    """Write sst_confusion.png and errors.md for a run; returns the markdown path."""
+    """Write sst_confusion.png and errors.md for a run; returns the markdown path.
+
+    ``precision``: see :func:`bert_demo.speed.run_autocast` (None: the run's own).
+    """
     if top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
     torch_device = resolve_device(device)
@@ -129,8 +134,9 @@ def analyze(
     lines = [f"# Error analysis of {run_dir}", ""]
     for task in tasks:
         spec = get_task(task)
-        result = predict_task(model, task, dev[task], tokenizer, config.max_length,
-                              config.eval_batch_size, torch_device, progress)
+        with run_autocast(precision, config.precision, torch_device):
+            result = predict_task(model, task, dev[task], tokenizer, config.max_length,
+                                  config.eval_batch_size, torch_device, progress)
         lines += [f"## {task} ({spec.metric_name} {result.metric():.4f})", ""]
         if spec.kind == "classes":
             assert result.gold is not None

@@ -36,6 +36,7 @@ from bert_demo.config import (
     field_type,
     preset_config,
 )
+from bert_demo.speed import PRECISIONS
 from bert_demo.tasks import TASKS
 from bert_demo.weights import WEIGHT_CHOICES
 
@@ -101,9 +102,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> 
         kind, _ = field_type(spec)
         choices = spec.metadata.get("choices")
         kwargs: dict[str, Any] = {"default": None, "help": _help(spec), "dest": spec.name}
+        if spec.metadata.get("method") and not methods:
+            continue  # ablate sets the methods per row
         if kind is bool:
-            if spec.metadata.get("method") and not methods:
-                continue
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is tuple:
             kwargs.update(nargs="+", choices=choices)
@@ -118,11 +119,19 @@ def _add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> 
         parser.add_argument(_flag(spec), **kwargs)
 
 
-def _add_runtime_flags(parser: argparse.ArgumentParser) -> None:
+def _add_runtime_flags(parser: argparse.ArgumentParser, precision: bool = False) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1 ... (default: cuda when available, else cpu)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice)")
+                        help="torch CPU threads (default: all cores, i.e. torch's count of "
+                        f"physical cores unless OMP_NUM_THREADS is set: {torch.get_num_threads()}"
+                        " here)")
+    if precision:
+        # train and ablate take --precision from TrainConfig (it is saved with the run).
+        parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                            help="forward passes in bf16 autocast or fp32; auto: bf16 where "
+                            "the CPU/GPU has bf16 units (default: the run's own --precision, "
+                            "so a run evaluated where it trained gives its dev numbers again)")
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -223,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="dev metrics of a trained run")
     _add_run_flags(evaluate)
-    _add_runtime_flags(evaluate)
+    _add_runtime_flags(evaluate, precision=True)
 
     predict = sub.add_parser("predict", help="predictions for labeled or unlabeled files, to CSV")
     _add_run_flags(predict, eval_limit=False)
@@ -237,14 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="CSV path for one --input, else a folder; each row holds the id, "
                          "the predicted label and the probabilities (or unclipped score) "
                          "(default: RUN/predictions)")
-    _add_runtime_flags(predict)
+    _add_runtime_flags(predict, precision=True)
 
     analyze = sub.add_parser("analyze", help="SST confusion matrix and the largest dev errors")
     _add_run_flags(analyze)
     analyze.add_argument("--out", default=None, help="folder for the report (default: RUN/analysis)")
     analyze.add_argument("--top", type=_positive_int, default=10, metavar="INT",
                          help="errors listed per task (default: 10)")
-    _add_runtime_flags(analyze)
+    _add_runtime_flags(analyze, precision=True)
 
     ablate = sub.add_parser("ablate", help="the paper's ten ablation rows over N seeds")
     _add_config_flags(ablate, methods=False)
@@ -257,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of all runs and the table (default: runs/ablation)")
     ablate.add_argument("--no-progress", action="store_true",
                         help="no progress bars (default: progress bars)")
+    ablate.add_argument("--jobs", type=_positive_int, default=1, metavar="INT",
+                        help="runs trained at once, in separate processes that split the "
+                        "threads (--threads or all cores) evenly (default: 1)")
     _add_runtime_flags(ablate)
 
     export = sub.add_parser("export", help="the fine-tuned encoder as a Hugging Face folder, "
@@ -291,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             _fail(parser, f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    from bert_demo.ablate import AblationFailed
     from bert_demo.optim import FeatureUnavailable
     from bert_demo.run_dir import RunDirError
 
@@ -302,8 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except TrainingDiverged as e:
-        # Not a usage error: the settings were valid but the run failed.
+    except (TrainingDiverged, AblationFailed) as e:
+        # Not a usage error: the settings were valid but a run failed (for ablate, the
+        # other runs finished and their table was written).
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, FeatureUnavailable, RunDirError) as e:
@@ -356,6 +370,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from bert_demo.data import find_data_dir, load_split, require_rows
     from bert_demo.evaluate import evaluate
     from bert_demo.run_dir import load_run, resolve_device, write_json
+    from bert_demo.speed import autocast, resolve_precision
     from bert_demo.tasks import get_task
 
     device = resolve_device(args.device)
@@ -365,8 +380,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     tasks = tuple(model.heads)
     dev = load_split(data_dir, tasks, "dev", args.max_eval_examples, random_subset=False)
     require_rows(data_dir, "dev", dev, args.max_eval_examples)
-    metrics = evaluate(model, dev, trained.tokenizer, config.max_length, config.eval_batch_size,
-                       device, progress=not args.no_progress)
+    precision = resolve_precision(args.precision or config.precision, device)
+    with autocast(precision, device):
+        metrics = evaluate(model, dev, trained.tokenizer, config.max_length,
+                           config.eval_batch_size, device, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
     run = Path(args.run)
     if run.is_dir():
@@ -375,6 +392,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             **metrics,
             "step": trained.step,
             "weights": trained.weights_file.name,
+            "precision": precision,
             "examples": {t: len(dev[t]) for t in tasks},
             "data_files": {t: str(data_dir / get_task(t).file_name("dev")) for t in tasks},
         })
@@ -385,7 +403,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from bert_demo.predict import predict_files
 
     written = predict_files(args.run, args.input, args.task, args.output, args.data, args.device,
-                            args.weights, progress=not args.no_progress)
+                            args.weights, progress=not args.no_progress, precision=args.precision)
     for path, rows in written:
         print(f"{path}: {rows} rows")
     return 0
@@ -395,7 +413,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from bert_demo.analyze import analyze
 
     report = analyze(args.run, args.out, args.top, args.data, args.max_eval_examples, args.device,
-                     args.weights, progress=not args.no_progress)
+                     args.weights, progress=not args.no_progress, precision=args.precision)
     print(f"wrote {report}")
     return 0
 
@@ -406,7 +424,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
     base = config_from_args(args)
     table = run_ablation(base, Path(args.out), args.seeds, rows=args.rows, device=args.device,
-                         progress=not args.no_progress, train=train)
+                         progress=not args.no_progress, train=train, jobs=args.jobs,
+                         threads=torch.get_num_threads())
     print(table.read_text())
     return 0
 

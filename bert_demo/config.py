@@ -14,7 +14,9 @@ from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from bert_demo.multitask import HeadSettings
+from bert_demo.speed import ADAMW_IMPLS, PRECISIONS
 from bert_demo.tasks import PAPER_TASKS, TASKS, get_task
+from gradtools.aggregation import available as available_aggregators
 
 OPTIMIZERS = ("adamw", "torch-adamw", "lamb", "radam")
 MODES = ("finetune", "frozen")
@@ -63,8 +65,24 @@ class TrainConfig:
                           "teacher", method=True)
     pcgrad: bool = setting(False, "PCGrad gradient surgery across the task losses", method=True)
     sts_aug: bool = setting(False, "STS pair reversal, doubling the STS batch", method=True)
+    # beyond the paper: its future work (MNRL) and other aggregators than PCGrad
+    mnrl_weight: float = setting(
+        0.0, "weight of the multiple negatives ranking loss on Quora duplicate pairs with "
+        "in-batch negatives, added to the Quora loss (0: off)", ge=0, method=True)
+    mnrl_scale: float = setting(
+        20.0, "MNRL's scale: cosine similarities times this are the logits (1/temperature)",
+        gt=0)
+    aggregator: str | None = setting(
+        None, "gradtools.MultiTask aggregator combining the task gradients in place of "
+        "--pcgrad", choices=tuple(available_aggregators()), unset="none", method=True)
     # optimisation
     optimizer: str = setting("adamw", "optimizer (adamw is gradtools.AdamW)", choices=OPTIMIZERS)
+    adamw_impl: str = setting(
+        "for-loop", "gradtools.AdamW's implementation: fused (torch.compile'd, foreach where "
+        "that does not compile), foreach, for-loop (the exact reference)", choices=ADAMW_IMPLS)
+    precision: str = setting(
+        "fp32", "forward passes in bf16 autocast (weights, optimizer state and losses stay "
+        "fp32), fp32, or auto: bf16 where the CPU/GPU has bf16 units", choices=PRECISIONS)
     lr: float = setting(1e-5, "learning rate of the encoder", gt=0)
     head_lr: float | None = setting(None, "learning rate of the heads", gt=0, unset="--lr")
     weight_decay: float = setting(0.0, "decoupled weight decay", ge=0)
@@ -127,8 +145,33 @@ class TrainConfig:
             raise ValueError(f"tasks: {self.tasks} names a task twice")
         if self.pcgrad and len(self.tasks) < 2:
             raise ValueError("pcgrad needs at least two tasks (it resolves conflicts between them)")
+        if self.aggregator is not None:
+            if self.pcgrad:
+                raise ValueError(f"aggregator {self.aggregator!r} replaces pcgrad; give one of "
+                                 "the two")
+            if len(self.tasks) < 2:
+                raise ValueError("aggregator needs at least two tasks (it combines their "
+                                 "gradients)")
+        if self.mnrl_weight > 0:
+            # Settings under which MNRL could never produce a gradient are refused.
+            if "para" not in self.tasks:
+                raise ValueError("mnrl_weight needs the para task (its duplicate pairs)")
+            if self.pair_encoding != "separate":
+                raise ValueError("mnrl_weight needs pair_encoding 'separate' (it compares the "
+                                 "two questions' sentence vectors)")
+            if self.batch_para < 2:
+                raise ValueError("mnrl_weight needs batch_para >= 2 (a batch of one pair has no "
+                                 "in-batch negative)")
+            if self.mode == "frozen":  # also 'pretrain', renamed above
+                raise ValueError("mnrl_weight needs mode 'finetune' (with a frozen encoder the "
+                                 "sentence vectors MNRL trains cannot change)")
         if self.sts_aug and "sts" not in self.tasks:
             raise ValueError("sts_aug needs the sts task")
+
+    @property
+    def combines_task_gradients(self) -> bool:
+        """Whether an aggregator (PCGrad or --aggregator) combines per-task gradients."""
+        return self.pcgrad or self.aggregator is not None
 
     def head_settings(self) -> HeadSettings:
         return HeadSettings(
@@ -223,10 +266,15 @@ def check_value(spec: Field[Any], value: Any) -> None:
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
+# The presets run as fast as the machine allows; TrainConfig's own defaults (fp32,
+# the for-loop AdamW) are the exact, machine-independent reference.
+_FAST: dict[str, Any] = {"precision": "auto", "adamw_impl": "fused"}
+
 # The report's settings: lr 1e-5, dropout 0.1 (encoder) / 0.3 (heads), batch sizes
 # 2/20/2 (stsAug doubles STS to 4), 10 epochs, SMART lambda 5, eps 1e-4, sigma 1e-4,
 # mu 1, eta 1e-2. An epoch is one pass over the largest task's batches.
 PAPER_PRESET: dict[str, Any] = {
+    **_FAST,
     "lr": 1e-5,
     "encoder_dropout": 0.1,
     "head_dropout": 0.3,
@@ -247,6 +295,7 @@ PAPER_PRESET: dict[str, Any] = {
 # and two dev evaluations took 21 CPU-minutes (21 min wall on a 2-core box shared
 # with other jobs, one thread); the measured scores are in the README.
 QUICK_PRESET: dict[str, Any] = {
+    **_FAST,
     "lr": 1.5e-4,
     "head_lr": 1e-3,
     "encoder_dropout": 0.1,

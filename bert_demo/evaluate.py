@@ -24,8 +24,8 @@ from bert_demo.run_dir import atomic_write
 from bert_demo.tasks import get_task, overall
 from bert_demo.tokenizer import WordPieceTokenizer
 
-__all__ = ["TaskPredictions", "accuracy", "evaluate", "overall_score", "pearson", "predict_task",
-           "write_predictions"]
+__all__ = ["TaskPredictions", "accuracy", "evaluate", "evaluate_with_predictions",
+           "overall_score", "pearson", "predict_task", "write_predictions"]
 
 
 @dataclass
@@ -112,15 +112,31 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, float]:
     """Dev metrics for every task in ``dev_sets``, plus ``overall`` when the paper's three are."""
+    return evaluate_with_predictions(
+        model, dev_sets, tokenizer, max_length, batch_size, device, progress)[0]
+
+
+def evaluate_with_predictions(
+    model: MultitaskBert,
+    dev_sets: Mapping[str, Sequence[Example]],
+    tokenizer: WordPieceTokenizer,
+    max_length: int,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[dict[str, float], dict[str, TaskPredictions]]:
+    """:func:`evaluate`'s metrics and the per-example predictions they were computed from."""
     metrics: dict[str, float] = {}
+    results: dict[str, TaskPredictions] = {}
     for task, examples in dev_sets.items():
         result = predict_task(model, task, examples, tokenizer, max_length, batch_size, device,
                               progress)
         metrics[get_task(task).metric_name] = result.metric()
+        results[task] = result
     score = overall(metrics)
     if score is not None:
         metrics["overall"] = score
-    return metrics
+    return metrics, results
 
 
 def write_predictions(path: str | os.PathLike[str], result: TaskPredictions) -> Path:

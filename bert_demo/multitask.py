@@ -171,10 +171,17 @@ class MultitaskBert(nn.Module):
         Class logits [B, num_outputs], or one logit or score per example [B].
         In separate mode ``embeds`` holds 2B rows (first sentences, then second ones).
         """
+        return self.forward_with_vectors(task, embeds, attention_mask)[0]
+
+    def forward_with_vectors(
+        self, task: str, embeds: Tensor, attention_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`forward_from_embeddings`'s output and the sentence vectors the head read
+        ([2B, H] in separate pair mode: first sentences, then second ones)."""
         head = self._head_of(task)
         vectors = self.sentence_vectors(embeds, attention_mask)
         if not TASKS[task].pairs:
-            return head(vectors)
+            return head(vectors), vectors
         if self.separate_pairs:
             if vectors.shape[0] % 2:
                 raise ValueError(
@@ -182,8 +189,8 @@ class MultitaskBert(nn.Module):
                     f"needs an even number of rows, got {vectors.shape[0]}"
                 )
             u, v = vectors.chunk(2)
-            return head(u, v)
-        return head(vectors)
+            return head(u, v), vectors
+        return head(vectors), vectors
 
     def _head_of(self, task: str) -> nn.Module:
         if task not in self.heads:

@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 import gradtools
+from bert_demo.speed import adamw_flags
 
 
 class FeatureUnavailable(RuntimeError):
@@ -19,12 +20,18 @@ class FeatureUnavailable(RuntimeError):
 
 
 def make_optimizer(
-    name: str, param_groups: Iterable[dict[str, Any]], weight_decay: float
+    name: str, param_groups: Iterable[dict[str, Any]], weight_decay: float,
+    adamw_impl: str = "for-loop",
 ) -> Optimizer:
-    """Build the optimizer ``name`` over param groups that each carry their own lr."""
+    """Build the optimizer ``name`` over param groups that each carry their own lr.
+
+    ``adamw_impl`` (fused, foreach, for-loop) picks gradtools.AdamW's implementation;
+    resolve ``fused`` with :func:`bert_demo.speed.resolve_adamw_impl` first.
+    """
     groups = [dict(g, weight_decay=weight_decay) for g in param_groups]
     if name == "adamw":
-        return gradtools.AdamW(groups)
+        flags = adamw_flags(adamw_impl)
+        return gradtools.AdamW(groups, fused=flags["fused"], foreach=flags["foreach"])
     if name == "torch-adamw":
         return torch.optim.AdamW(groups)
     if name in ("lamb", "radam"):
@@ -67,3 +74,15 @@ def make_schedule(
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     return LambdaLR(optimizer, factor)
+
+
+def wrap_aggregator(
+    optimizer: Optimizer,
+    name: str,
+    generator: torch.Generator,
+    process_group: torch.distributed.ProcessGroup | None = None,
+) -> Optimizer:
+    """gradtools.MultiTask around ``optimizer`` with the aggregator ``name`` (see
+    :func:`gradtools.aggregation.available`); random aggregators draw from ``generator``."""
+    return gradtools.MultiTask(optimizer, aggregator=name, generator=generator,
+                               process_group=process_group)

@@ -14,6 +14,7 @@ from pathlib import Path
 from bert_demo.data import find_data_dir, read_task_file
 from bert_demo.evaluate import predict_task, write_predictions
 from bert_demo.run_dir import load_trained, resolve_device, run_folder
+from bert_demo.speed import run_autocast
 from bert_demo.tasks import PAPER_TASKS, get_task, guess_task
 
 
@@ -37,11 +38,13 @@ def predict_files(
     device: str | None = None,
     weights: str = "best",
     progress: bool = False,
+    precision: str | None = None,
 ) -> list[tuple[Path, int]]:
     """Write one ``<input stem>-predictions.csv`` per input; returns (path, rows) of each.
 
     With one input and ``output`` ending in .csv, that is the file written; else
-    ``output`` is a folder (default: RUN/predictions).
+    ``output`` is a folder (default: RUN/predictions). ``precision``: see
+    :func:`bert_demo.speed.run_autocast` (None: the run's own).
     """
     torch_device = resolve_device(device)
     model, tokenizer, config = load_trained(run, torch_device, weights)
@@ -76,10 +79,11 @@ def predict_files(
                          f"({e.strerror or e})") from None
     written = []
     for job_task, path, examples in inputs_read:
-        result = predict_task(
-            model, job_task, examples, tokenizer, config.max_length, config.eval_batch_size,
-            torch_device, progress,
-        )
+        with run_autocast(precision, config.precision, torch_device):
+            result = predict_task(
+                model, job_task, examples, tokenizer, config.max_length,
+                config.eval_batch_size, torch_device, progress,
+            )
         target = Path(str(output)) if single_file else folder / f"{path.stem}-predictions.csv"
         try:
             written.append((write_predictions(target, result), len(result.ids)))

@@ -22,7 +22,7 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,7 +30,9 @@ from bert_demo.config import TrainConfig
 from bert_demo.model import BertConfig, BertModel, resolve_model_path
 from bert_demo.multitask import MultitaskBert
 from bert_demo.tasks import model_tasks
-from bert_demo.tokenizer import WordPieceTokenizer
+
+if TYPE_CHECKING:  # the tokenizers package is the demo extra's: imported when a run loads
+    from bert_demo.tokenizer import WordPieceTokenizer
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -222,6 +224,8 @@ def load_run(
             f"{weights_file}: does not describe a model this bert_demo can rebuild "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
+    from bert_demo.tokenizer import WordPieceTokenizer
+
     model.to(device).eval()
     own_files = encoder_files(weights_file.parent)
     tokenizer = WordPieceTokenizer.from_folder(

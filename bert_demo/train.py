@@ -44,12 +44,14 @@ from bert_demo.batching import (
 )
 from bert_demo.config import TrainConfig
 from bert_demo.data import find_data_dir, load_split, require_rows
+from bert_demo.dev_predictions import DEV_PREDICTIONS, write_dev_predictions
 from bert_demo.distributed import Ranks, rank_seed
-from bert_demo.evaluate import evaluate
+from bert_demo.evaluate import TaskPredictions, evaluate_with_predictions
+from bert_demo.mnrl import MNRL_TASK, multiple_negatives_ranking_loss
 from bert_demo.model import load_pretrained, resolve_model_path
 from bert_demo.model_files import ENCODER_FILES_DIR, copy_model_files, encoder_files
 from bert_demo.multitask import MultitaskBert
-from bert_demo.optim import make_optimizer, make_schedule, wrap_pcgrad
+from bert_demo.optim import make_optimizer, make_schedule, wrap_aggregator, wrap_pcgrad
 from bert_demo.regularization import SmartTerms
 from bert_demo.run_dir import (
     CHECKPOINT,
@@ -67,6 +69,7 @@ from bert_demo.run_dir import (
     save_torch,
     write_json,
 )
+from bert_demo.speed import autocast, resolve_adamw_impl, resolve_precision
 from bert_demo.tasks import get_task, model_tasks
 from bert_demo.tensorboard_log import TensorBoardLog
 from bert_demo.tensorboard_log import check_available as check_tensorboard
@@ -158,6 +161,10 @@ class Trainer:
         self.ranks = ranks if ranks is not None else Ranks()
         self.out = Path(out_dir)
         self.device = resolve_device(None if device is None else str(device))
+        # What this run computes in (auto and fused resolved for this machine).
+        self.precision = resolve_precision(config.precision, self.device)
+        self.adamw_impl = (resolve_adamw_impl(config.adamw_impl)
+                           if config.optimizer == "adamw" else None)
         self.progress = progress
         self.on_step = on_step
         # Read the data before touching the run folder: a bad --data leaves nothing behind.
@@ -202,6 +209,8 @@ class Trainer:
         self.elapsed = 0.0
         self.last_metrics: dict[str, float] = {}
         self.eval_step = 0  # the step last_metrics were measured at
+        # The latest evaluation's per-example dev predictions (for ablation statistics).
+        self.last_predictions: dict[str, TaskPredictions] | None = None
         self.saved_step: int | None = None  # the step of checkpoint.pt, once there is one
         if resume:
             self._load_checkpoint()
@@ -252,7 +261,7 @@ class Trainer:
                         f"{self.out} already holds a run ({name}); pass --resume to continue "
                         "it or choose another --out"
                     )
-            for name in (METRICS, FINAL, BEST_WEIGHTS):
+            for name in (METRICS, FINAL, BEST_WEIGHTS, DEV_PREDICTIONS):
                 (self.out / name).unlink(missing_ok=True)
             save_config(self.config, saved_config)
         if not resume or encoder_files(self.out) is None:
@@ -268,11 +277,15 @@ class Trainer:
         groups: list[dict[str, Any]] = [{"params": self.model.head_parameters(), "lr": head_lr}]
         if config.mode == "finetune":
             groups.insert(0, {"params": list(self.model.encoder.parameters()), "lr": config.lr})
-        optimizer = make_optimizer(config.optimizer, groups, config.weight_decay)
+        optimizer = make_optimizer(config.optimizer, groups, config.weight_decay,
+                                   self.adamw_impl or "for-loop")
         if config.pcgrad:
             # With several processes PCGrad averages each task's gradient over them
             # before the surgery, which then runs on the global task gradients.
             optimizer = wrap_pcgrad(optimizer, self.pcgrad_generator, self.ranks.group)
+        elif config.aggregator is not None:
+            optimizer = wrap_aggregator(optimizer, config.aggregator, self.pcgrad_generator,
+                                        self.ranks.group)
         return optimizer
 
     # ------------------------------------------------------------------ checkpoints
@@ -419,12 +432,24 @@ class Trainer:
                 sts_aug=config.sts_aug,
             ).to(self.device)
             assert batch.labels is not None  # training files are labeled
-            embeds = model.embed(batch.input_ids, batch.token_type_ids)
-            output = model.forward_from_embeddings(task, embeds, batch.attention_mask)
+            # Forward passes (SMART's and the teacher's too) run in the run's precision;
+            # the losses outside autocast, in float32 (MNRL's matmul included).
+            with autocast(self.precision, self.device):
+                embeds = model.embed(batch.input_ids, batch.token_type_ids)
+                output, vectors = model.forward_with_vectors(task, embeds, batch.attention_mask)
+            output = output.float()
             loss = get_task(task).loss(output, batch.labels)
             stats[f"loss_{task}"] = loss.item()
+            if task == MNRL_TASK and config.mnrl_weight > 0:
+                anchors, candidates = vectors.float().chunk(2)
+                mnrl = multiple_negatives_ranking_loss(
+                    anchors, candidates, batch.labels, config.mnrl_scale)
+                stats["mnrl"] = mnrl.item()
+                loss = loss + config.mnrl_weight * mnrl
             if self.smart is not None:
-                extra, smart_stats = self.smart.terms(task, batch, embeds, output)
+                # gradtools.SMART keeps its perturbation and divergences in float32.
+                with autocast(self.precision, self.device):
+                    extra, smart_stats = self.smart.terms(task, batch, embeds, output)
                 loss = loss + extra
                 stats.update({f"{k}_{task}": v for k, v in smart_stats.items()})
             losses.append(loss)
@@ -439,18 +464,18 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            if config.pcgrad:
+            if config.combines_task_gradients:
                 self.optimizer.backward(losses)  # type: ignore[attr-defined]
             else:
                 torch.stack(losses).sum().backward()
                 self.ranks.average_gradients(self.model.parameters())
             self.optimizer.step()
-        except FloatingPointError as e:  # PCGrad refuses inf/NaN gradients
+        except FloatingPointError as e:  # PCGrad and the aggregators refuse inf/NaN gradients
             raise TrainingDiverged(
                 f"training diverged at step {self.step + 1}: {e} (try a lower --lr)"
             ) from None
         self.schedule.step()
-        if config.pcgrad:
+        if config.combines_task_gradients:
             stats.update(pcgrad_summary(self.optimizer, config.tasks))
         if self.smart is not None:
             self.smart.after_step(model)
@@ -461,25 +486,40 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(
-            self.model,
-            self.dev_sets,
-            self.tokenizer,
-            self.config.max_length,
-            self.config.eval_batch_size,
-            self.device,
-            progress=self.progress and self.ranks.is_main,
-        )
+        metrics, self.last_predictions = self._evaluate_with_predictions()
+        return metrics
+
+    def _evaluate_with_predictions(
+        self,
+    ) -> tuple[dict[str, float], dict[str, TaskPredictions]]:
+        with autocast(self.precision, self.device):
+            return evaluate_with_predictions(
+                self.model,
+                self.dev_sets,
+                self.tokenizer,
+                self.config.max_length,
+                self.config.eval_batch_size,
+                self.device,
+                progress=self.progress and self.ranks.is_main,
+            )
 
     def _log_eval(self) -> dict[str, float]:
         def evaluate_and_log() -> dict[str, float]:
+            self.last_predictions = None  # set by evaluate() (which tests may replace)
             metrics = self.evaluate()
+            predictions = self.last_predictions
             record = {"event": "eval", "step": self.step, "epoch": self.step / self.per_epoch,
                       "elapsed_s": round(self.elapsed, 1), **metrics}
             append_jsonl(self.out / METRICS, record)
             self.tensorboard.log(record)
             assert self.best is not None  # rank 0 keeps the best weights
-            self.best.consider(self.model, self._weights_info(metrics))
+            if self.best.consider(self.model, self._weights_info(metrics)):
+                # The per-example predictions go with the best weights (the scores the
+                # ablation reports), written now: a resumed run may not evaluate them again.
+                if predictions is not None:
+                    write_dev_predictions(self.out / DEV_PREDICTIONS, predictions)
+                else:  # no stale file that would claim to be these weights' predictions
+                    (self.out / DEV_PREDICTIONS).unlink(missing_ok=True)
             return metrics
 
         # Rank 0 evaluates (the replicas are equal) and tells the others.
@@ -573,6 +613,10 @@ class Trainer:
             "epochs": self.step / self.per_epoch,
             "wall_s": round(self.elapsed, 1),
             "dev": self.last_metrics,
+            # How it ran: --precision/--adamw-impl as resolved here, and torch's threads.
+            "precision": self.precision,
+            "adamw_impl": self.adamw_impl,
+            "threads": torch.get_num_threads(),
             "config": config.to_dict(),
         }
         return self.ranks.on_main(lambda: self._finish(final))
@@ -582,12 +626,17 @@ class Trainer:
                            self.step / self.per_epoch, metrics)
 
     def _finish(self, final: dict[str, Any]) -> dict[str, Any]:
-        """Rank 0: model-only weights, final.json, then the checkpoint goes (unless kept)."""
+        """Rank 0: model-only weights, final.json, then the checkpoint goes (unless kept).
+
+        dev_predictions.csv.gz was written with best.safetensors (see ``_log_eval``).
+        """
         save_weights(self.model, self.out / LAST_WEIGHTS, self._weights_info(self.last_metrics))
         assert self.best is not None
         final["best"] = self.best.summary()
         final["weights"] = {"last": LAST_WEIGHTS, "best": BEST_WEIGHTS if final["best"] else None,
                             "checkpoint": CHECKPOINT if self.keep_checkpoint else None}
+        final["dev_predictions"] = (DEV_PREDICTIONS if (self.out / DEV_PREDICTIONS).is_file()
+                                    else None)
         write_json(self.out / FINAL, final)
         if not self.keep_checkpoint:
             (self.out / CHECKPOINT).unlink(missing_ok=True)

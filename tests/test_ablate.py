@@ -5,11 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ablation_helpers
 import pytest
 from demo_fixtures import write_tiny_data, write_tiny_model
 
-from bert_demo.ablate import ROWS, markdown_table, row_config, run_ablation, summarize
+from bert_demo.ablate import (
+    EXTRA_ROWS,
+    PAPER_DEV_SCORES,
+    PAPER_ROWS,
+    ROWS,
+    AblationFailed,
+    markdown_table,
+    paper_overall,
+    row_config,
+    run_ablation,
+    summarize,
+)
 from bert_demo.config import TrainConfig
+from bert_demo.dev_predictions import DEV_PREDICTIONS
 from bert_demo.run_dir import CHECKPOINT, FINAL
 from bert_demo.train import train
 
@@ -26,9 +39,9 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> TrainConfig:
 
 
 def test_the_ten_rows_of_the_paper() -> None:
-    assert len(ROWS) == 10
+    assert len(PAPER_ROWS) == 10 and ROWS[:10] == PAPER_ROWS
     base = TrainConfig(smart=True)  # a base with a method on must not leak into every row
-    configs = {row.slug: row_config(base, row, seed=3) for row in ROWS}
+    configs = {row.slug: row_config(base, row, seed=3) for row in PAPER_ROWS}
     methods = {slug: (c.smart, c.pcgrad, c.sts_aug, c.mode, c.tasks) for slug, c in configs.items()}
     three = ("sst", "para", "sts")
     assert methods == {
@@ -44,6 +57,26 @@ def test_the_ten_rows_of_the_paper() -> None:
         "all": (True, True, True, "finetune", three),
     }
     assert all(c.seed == 3 for c in configs.values())
+    assert all(c.mnrl_weight == 0 and c.aggregator is None for c in configs.values())
+
+
+def test_the_rows_beyond_the_paper() -> None:
+    base = TrainConfig(pcgrad=True, mnrl_weight=1.0)  # nothing leaks from the base either
+    mnrl, aggregator = (row_config(base, row, seed=0) for row in EXTRA_ROWS)
+    assert (mnrl.smart, mnrl.pcgrad, mnrl.sts_aug, mnrl.aggregator) == (True, True, True, None)
+    assert mnrl.mnrl_weight > 0
+    assert (aggregator.smart, aggregator.pcgrad, aggregator.sts_aug) == (True, False, True)
+    assert aggregator.aggregator == "upgrad" and aggregator.mnrl_weight == 0
+    assert row_config(base, ROWS[2], seed=0).mnrl_weight == 0  # finetune baseline
+
+
+def test_paper_column_is_the_reports_dev_numbers() -> None:
+    assert set(PAPER_DEV_SCORES) == {row.slug for row in PAPER_ROWS}
+    assert PAPER_DEV_SCORES["all"] == {"sst_acc": 0.525, "para_acc": 0.752, "sts_pearson": 0.375}
+    assert PAPER_DEV_SCORES["single-sst"] == {"sst_acc": 0.515}
+    assert paper_overall(PAPER_DEV_SCORES["finetune"]) == pytest.approx(
+        (0.511 + 0.750 + 1.345 / 2) / 3)
+    assert paper_overall(PAPER_DEV_SCORES["single-sst"]) is None
 
 
 def test_mean_and_std_over_seeds() -> None:
@@ -53,7 +86,21 @@ def test_mean_and_std_over_seeds() -> None:
     assert summary["finetune baseline"]["sst_acc"]["mean"] == pytest.approx(0.5)
     assert summary["finetune baseline"]["sst_acc"]["std"] == pytest.approx(0.1)  # sample std
     table = markdown_table(summary, TrainConfig(), seeds=3)
-    assert "| finetune baseline | 0.500 ± 0.100 | 0.500 ± 0.000 | 0.200 ± 0.000 |" in table
+    assert ("| finetune baseline | 0.500 ± 0.100 | 0.500 ± 0.000 | 0.200 ± 0.000 | "
+            "0.400 ± 0.000 | 0.511 | 0.750 | 0.345 | 0.644* |") in table
+    assert "| SMART + PCGrad | 0.525 | 0.762 | 0.336 |" in table  # the report's test numbers
+
+
+def test_the_table_reports_each_runs_best_weights() -> None:
+    """As the paper: the best evaluation's scores (final.json's best), not the last one's."""
+    last = {"sst_acc": 0.2, "para_acc": 0.5, "sts_pearson": 0.1, "overall": 0.4}
+    best = {"sst_acc": 0.6, "para_acc": 0.7, "sts_pearson": 0.3, "overall": 0.6}
+    finals = [{"wall_s": 60.0, "dev": last, "best": {"step": 2, "dev": best}},
+              # No best weights (every evaluation NaN, or an older run): the last evaluation.
+              {"wall_s": 60.0, "dev": {**last, "sst_acc": 0.4}, "best": None}]
+    summary = summarize({"finetune baseline": finals})["finetune baseline"]
+    assert summary["sst_acc"]["mean"] == pytest.approx((0.6 + 0.4) / 2)
+    assert summary["para_acc"]["mean"] == pytest.approx((0.7 + 0.5) / 2)
 
 
 @pytest.mark.slow
@@ -69,7 +116,13 @@ def test_ablation_runs_rows_and_skips_finished_ones(base, tmp_path) -> None:
     assert text.count(" ± ") >= 3 * 4
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((tmp_path / "ablation.json").read_text())
-    assert summary["pretrained baseline (frozen encoder)"]["seeds"] == 2
+    rows_json = summary["rows"]
+    assert rows_json["pretrained baseline (frozen encoder)"]["seeds"] == 2
+    assert (tmp_path / "all" / "seed0" / DEV_PREDICTIONS).is_file()
+    assert "## Paired differences against the finetune baseline" in text
+    assert "## What our numbers say" in text and len(summary["conclusions"]) == 4
+    # Without the finetune row nothing can be compared, and no conclusion is drawn.
+    assert {c["status"] for c in summary["conclusions"]} == {"inconclusive"}
 
     # A rerun trains nothing when every run has finished ...
     def no_training(*args, **kwargs):
@@ -92,3 +145,41 @@ def test_ablation_runs_rows_and_skips_finished_ones(base, tmp_path) -> None:
 
     run_ablation(base, tmp_path, seeds=2, rows=rows, progress=False, train=record)
     assert calls == [(tmp_path / "all" / "seed1", True)]
+
+
+def test_a_failed_run_fails_the_ablation_after_the_others(base, tmp_path) -> None:
+    trained: list[str] = []
+
+    def flaky(config, out, **kwargs):
+        if config.seed == 0 and config.smart:
+            raise RuntimeError("out of memory")
+        trained.append(f"{Path(out).parent.name}/{Path(out).name}")
+        return train(config, out, **kwargs)
+
+    with pytest.raises(AblationFailed, match=r"smart/seed0 \(RuntimeError: out of memory\)"):
+        run_ablation(base, tmp_path, seeds=1, rows=["smart", "finetune"], progress=False,
+                     train=flaky)
+    assert trained == ["finetune/seed0"]  # the run after the failed one still trained
+    assert "| finetune baseline |" in (tmp_path / "ablation.md").read_text()
+
+
+@pytest.mark.slow
+def test_parallel_jobs_train_split_threads_and_report_failures(base, tmp_path) -> None:
+    # Two jobs at once on two threads: one thread each, in spawned processes.
+    table = run_ablation(base, tmp_path, seeds=1, rows=["finetune", "pcgrad"], progress=False,
+                         train=ablation_helpers.train_recording_threads, jobs=2, threads=2)
+    for slug in ("finetune", "pcgrad"):
+        final = json.loads((tmp_path / slug / "seed0" / FINAL).read_text())
+        assert final["threads"] == 1
+        assert (tmp_path / slug / "seed0" / "threads.txt").read_text() == "1"
+    assert "| PCGrad |" in table.read_text()
+    pids = {(tmp_path / s / "seed0" / "pid.txt").read_text() for s in ("finetune", "pcgrad")}
+    assert len(pids) == 2  # two processes
+
+    # A failing run in a worker: the other still finishes, the error names the run.
+    with pytest.raises(AblationFailed, match=r"stsaug/seed0 \(RuntimeError: seed 0 of stsaug"):
+        run_ablation(base, tmp_path, seeds=1, rows=["finetune", "pcgrad", "stsaug", "smart"],
+                     progress=False, train=ablation_helpers.train_failing_stsaug, jobs=2,
+                     threads=2)
+    assert (tmp_path / "smart" / "seed0" / FINAL).is_file()
+    assert not (tmp_path / "stsaug" / "seed0" / FINAL).is_file()

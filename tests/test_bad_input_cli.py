@@ -453,6 +453,30 @@ def test_resume_refuses_a_changed_setting(trained_run, tmp_path, capsys) -> None
     assert snapshot(run) == before
 
 
+def test_resume_refuses_other_numerics_but_not_other_threads(trained_run, tmp_path,
+                                                            capsys) -> None:
+    """--precision and --adamw-impl change the numbers a run computes, so a resumed run
+    keeps them; --threads only changes how fast it computes them."""
+    run = copy_run(trained_run, tmp_path)
+    saved = json.loads((run / "config.json").read_text())
+    other_precision = "bf16" if saved["precision"] != "bf16" else "fp32"
+    other_impl = "foreach" if saved["adamw_impl"] != "foreach" else "for-loop"
+    before = snapshot(run)
+    refused(["train", "--out", str(run), "--resume", "--no-progress", "--precision",
+             other_precision], capsys, f"--precision {other_precision}", "refusing")
+    refused(["train", "--out", str(run), "--resume", "--no-progress", "--adamw-impl",
+             other_impl], capsys, f"--adamw-impl {other_impl}", "refusing")
+    assert snapshot(run) == before
+    threads = torch.get_num_threads()
+    try:
+        code, _, err = run_cli(["train", "--out", str(run), "--resume", "--no-progress",
+                                "--threads", str(threads + 1)], capsys)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    assert snapshot(run) == before  # finished with its checkpoint kept: nothing to redo
+
+
 def test_resume_applies_more_steps_and_says_so(trained_run, tmp_path, capsys) -> None:
     run = copy_run(trained_run, tmp_path)
     code, out, err = run_cli(["train", "--out", str(run), "--resume", "--no-progress",

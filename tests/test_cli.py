@@ -29,7 +29,9 @@ def tiny_args(tiny: tuple[Path, Path], out: Path) -> list[str]:
     model_dir, data_dir = tiny
     return ["--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
             "--batch-sst", "3", "--batch-para", "2", "--batch-sts", "2", "--max-length", "16",
-            "--epochs", "1", "--steps-per-epoch", "2", "--eval-batch-size", "4", "--no-progress"]
+            "--epochs", "1", "--steps-per-epoch", "2", "--eval-batch-size", "4", "--no-progress",
+            # the exact path: a tiny model gains nothing from compiling AdamW or from bf16
+            "--adamw-impl", "for-loop", "--precision", "fp32"]
 
 
 def fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -108,6 +110,7 @@ def test_train_evaluate_predict_analyze_resume(tiny, tmp_path, capsys) -> None:
     assert {k: metrics[k] for k in final["dev"]} == pytest.approx(final["dev"])
     # eval.json also says what was measured: which weights at which step, on which rows.
     assert (metrics["step"], metrics["weights"]) == (2, "best.safetensors")
+    assert metrics["precision"] == final["precision"] == "fp32"  # the run's own by default
     assert metrics["examples"] == {"sst": 6, "para": 5, "sts": 5}
     assert metrics["data_files"]["para"] == str(tiny[1] / "quora-dev.csv")
     assert main(["evaluate", "--run", str(run), "--weights", "last", "--no-progress"]) == 0
@@ -188,3 +191,21 @@ def test_flags_come_from_train_config_fields() -> None:
         assert spec.metadata["help"] in flags[spec.name].help
     assert "(default: 0.00015; paper preset: 1e-05)" in flags["lr"].help
     assert "(default: mean; paper preset: cls)" in flags["pooling"].help
+
+
+def test_ablate_exits_1_naming_a_failed_run(monkeypatch, capsys, tmp_path) -> None:
+    import bert_demo.ablate
+
+    seen: dict[str, object] = {}
+
+    def failing(base, out, seeds, **kwargs):
+        seen.update(kwargs)
+        raise bert_demo.ablate.AblationFailed("1 ablation run(s) failed: smart/seed0 (boom)")
+
+    monkeypatch.setattr(bert_demo.ablate, "run_ablation", failing)
+    code = main(["ablate", "--out", str(tmp_path), "--jobs", "2", "--threads", "2",
+                 "--no-progress"])
+    assert code == 1
+    assert "smart/seed0 (boom)" in capsys.readouterr().err
+    assert seen["jobs"] == 2 and seen["threads"] == 2
+    assert "must be >= 1, got '0'" in fails(["ablate", "--jobs", "0"], capsys)

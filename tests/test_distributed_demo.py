@@ -26,6 +26,7 @@ from rank_launcher import run_ranks
 
 import bert_demo.train as train_module
 from bert_demo.config import TrainConfig
+from bert_demo.dev_predictions import DEV_PREDICTIONS
 from bert_demo.distributed import Ranks
 from bert_demo.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError
 from bert_demo.train import Trainer
@@ -233,6 +234,7 @@ def test_torchrun_runs_the_command_line(tiny: Path) -> None:
         "--epochs", "1", "--max-steps", "2", "--lr", "1e-3", "--eval-batch-size", "4",
         "--log-every", "1", "--pcgrad", "--smart", "--device", "cpu", "--no-progress",
         "--threads", "1", "--keep-checkpoint", "--no-tensorboard",
+        "--adamw-impl", "for-loop", "--precision", "fp32",
     ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
@@ -248,7 +250,7 @@ def test_torchrun_runs_the_command_line(tiny: Path) -> None:
     assert done.stdout.count('"out"') == 1, done.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", CHECKPOINT, METRICS, FINAL, "best.safetensors", "model.safetensors",
-         "encoder"]
+         "encoder", DEV_PREDICTIONS]
     )
     records = [json.loads(x) for x in (out / METRICS).read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]
