@@ -22,7 +22,6 @@ perturbation can be added once to what the encoder layers consume::
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -34,6 +33,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from bert_demo.json_file import read_json_object
 
 __all__ = [
     "BertConfig",
@@ -455,14 +456,7 @@ def load_pretrained(
     """
     folder = resolve_model_path(source)
     config_path = folder / "config.json"
-    try:
-        values = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{config_path}: not UTF-8 text ({e.reason})") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object")
+    values = read_json_object(config_path, CheckpointError)
     unknown = set(config_overrides) - {fl.name for fl in fields(BertConfig)}
     if unknown:
         raise TypeError(f"unknown config override(s): {sorted(unknown)}")

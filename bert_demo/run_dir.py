@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bert_demo.config import TrainConfig
+from bert_demo.json_file import read_json_object
 from bert_demo.model import BertConfig, BertModel, resolve_model_path
 from bert_demo.multitask import MultitaskBert
 from bert_demo.tasks import model_tasks
@@ -82,14 +83,7 @@ def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> None:
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     """A run's config.json; a broken or hand-edited file gets an error naming it."""
-    try:
-        values = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from e
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object of settings")
+    values = read_json_object(path, what="a JSON object of settings")
     try:
         return TrainConfig.from_dict(values)
     except (TypeError, ValueError) as e:

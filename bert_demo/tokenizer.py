@@ -18,7 +18,6 @@ Lower-casing follows ``do_lower_case`` in the checkpoint's tokenizer_config.json
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor
 
+from bert_demo.json_file import read_json_object
 from bert_demo.model import CheckpointError, resolve_model_path
 
 __all__ = ["Encoding", "WordPieceTokenizer", "load_tokenizer"]
@@ -104,14 +104,7 @@ class WordPieceTokenizer:
         settings: dict[str, object] = {}
         config_file = folder / "tokenizer_config.json"
         if config_file.is_file():
-            try:
-                settings = json.loads(config_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{config_file}:{e.lineno}: not valid JSON: {e.msg}") from None
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{config_file}: not UTF-8 text ({e.reason})") from None
-            if not isinstance(settings, dict):
-                raise ValueError(f"{config_file}: expected a JSON object")
+            settings = read_json_object(config_file)
         strip_accents = settings.get("strip_accents")
         max_length = settings.get("model_max_length", 512)
         # Some configs store a huge sentinel here; the position table caps it anyway.

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Create or refresh the project's virtual environment in .venv.
-# Idempotent: it reinstalls only when pyproject.toml or constraints.txt changed
-# since the last successful install (a hash of both is kept in the venv).
+# Idempotent: it reinstalls only when pyproject.toml, constraints.txt or this script changed
+# since the last successful install (a hash of the three is kept in the venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 STAMP="$VENV/.gradtools-setup"
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
     exit 0
@@ -19,5 +19,5 @@ echo "setting up $VENV (torch pinned by constraints.txt) ..."
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # constraints.txt pins torch to the CPU build on local disk; without it pip
 # would resolve torch>=2.1 to a multi-GB CUDA build.
-"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[demo,dev,bench]'
+"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[demo,dev,bench,tensorboard]'
 echo "$want" > "$STAMP"
