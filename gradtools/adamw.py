@@ -55,7 +55,9 @@ from torch.optim import Optimizer
 
 from gradtools.tensor_groups import group_by_device_dtype
 
-__all__ = ["AdamW", "AdamWHyper", "AdamWTensors", "adamw_step", "check_hyperparameters"]
+__all__ = [
+    "AdamW", "AdamWHyper", "AdamWTensors", "adamw_step", "check_hyperparameters", "compile_failure",
+]
 
 Implementation = Literal["for-loop", "foreach", "compiled"]
 
@@ -450,6 +452,11 @@ class _CompiledKernels:
 
 
 _compiled = _CompiledKernels()
+
+
+def compile_failure() -> str | None:
+    """Why ``fused=True`` could not compile in this process (then it runs foreach), or None."""
+    return _compiled.failure
 
 
 def _math(
