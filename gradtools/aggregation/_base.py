@@ -101,6 +101,13 @@ class Aggregator(abc.ABC):
         return f"{type(self).__name__}()"
 
 
+def required_draw(draw: Tensor | None, owner: str, what: str) -> Tensor:
+    """``draw`` itself; a ValueError naming the method when the wrapper's per-step draw is missing."""
+    if draw is None:
+        raise ValueError(f"{owner}.aggregate needs {what}: pass draw=self.draw(T, generator)")
+    return draw
+
+
 def checked_gram(gram: Tensor) -> Tensor:
     """Validate a ``[B, T, T]`` Gram batch and return it as float64 on the CPU.
 

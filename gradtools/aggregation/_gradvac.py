@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradtools.aggregation._base import Aggregation, Aggregator, checked_gram, register
+from gradtools.aggregation._base import (
+    Aggregation,
+    Aggregator,
+    checked_gram,
+    register,
+    required_draw,
+)
 from gradtools.aggregation._gram import norms_and_correlation_lists
 from gradtools.aggregation._pcgrad import draw_orders, validate_orders
 
@@ -61,10 +67,7 @@ class GradVac(Aggregator):
     def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
         gram = checked_gram(gram)
         num_blocks, num_tasks, _ = gram.shape
-        if draw is None:
-            raise ValueError(
-                "GradVac.aggregate needs the visiting orders: pass draw=self.draw(T, generator)"
-            )
+        draw = required_draw(draw, "GradVac", "the visiting orders")
         validate_orders(draw, num_tasks)
         if self._targets is None:
             self._targets = torch.zeros(num_blocks, num_tasks, num_tasks, dtype=torch.float64)

@@ -33,7 +33,13 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from gradtools.aggregation._base import Aggregation, Aggregator, checked_gram, register
+from gradtools.aggregation._base import (
+    Aggregation,
+    Aggregator,
+    checked_gram,
+    register,
+    required_draw,
+)
 from gradtools.aggregation._gram import _check_gram, norms_and_correlation_lists
 
 __all__ = [
@@ -217,10 +223,7 @@ class PCGrad(Aggregator):
 
     def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
         gram = checked_gram(gram)
-        if draw is None:
-            raise ValueError(
-                "PCGrad.aggregate needs the visiting orders: pass draw=self.draw(T, generator)"
-            )
+        draw = required_draw(draw, "PCGrad", "the visiting orders")
         result = pcgrad(gram, draw)
         weights = result.coefficients.sum(-2)
         if self.reduction == "mean":

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradtools.aggregation._base import Aggregation, Aggregator, checked_gram, register
+from gradtools.aggregation._base import (
+    Aggregation,
+    Aggregator,
+    checked_gram,
+    register,
+    required_draw,
+)
 
 
 @register
@@ -32,10 +38,7 @@ class Random(Aggregator):
     def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
         gram = checked_gram(gram)
         num_blocks, num_tasks, _ = gram.shape
-        if draw is None:
-            raise ValueError(
-                "Random.aggregate needs its normal draw: pass draw=self.draw(T, generator)"
-            )
+        draw = required_draw(draw, "Random", "its normal draw")
         if draw.shape != (num_tasks,) or not draw.is_floating_point():
             raise ValueError(
                 f"draw must be a float tensor of shape [{num_tasks}], got {draw.dtype} {list(draw.shape)}"
