@@ -168,6 +168,7 @@ def run_ablation(
     train: TrainFunction,
     jobs: int = 1,
     threads: int = 1,
+    command: str | None = None,
 ) -> Path:
     """Train every (row, seed) not finished yet with ``train``, then write the table.
 
@@ -185,7 +186,8 @@ def run_ablation(
     pending = [
         _Job(row, seed, out / row.slug / f"seed{seed}",
              (out / row.slug / f"seed{seed}" / CHECKPOINT).is_file())
-        for row in selected for seed in range(seeds)
+        # Seed-major, so an ablation stopped part-way has every row at the first seeds.
+        for seed in range(seeds) for row in selected
         if not (out / row.slug / f"seed{seed}" / FINAL).is_file()
     ]
     failed: list[str] = []
@@ -212,7 +214,7 @@ def run_ablation(
                                          job, device, False)) for job in pending]
             for job, future in futures:
                 report(job, future.result())
-    table = write_outputs(base, out, selected, seeds)
+    table = write_outputs(base, out, selected, seeds, command)
     if failed:
         raise AblationFailed(f"{len(failed)} ablation run(s) failed: " + "; ".join(failed)
                              + f". The table {table} covers the finished runs; rerun the same "
@@ -247,7 +249,8 @@ def load_runs(out: Path, row: Row, seeds: int) -> list[tuple[Run, dict[str, Any]
     return runs
 
 
-def write_outputs(base: TrainConfig, out: Path, rows: tuple[Row, ...], seeds: int) -> Path:
+def write_outputs(base: TrainConfig, out: Path, rows: tuple[Row, ...], seeds: int,
+                  command: str | None = None) -> Path:
     """ablation.md, ablation.json and ablation.png from the finished runs in ``out``."""
     finished = {row.slug: load_runs(out, row, seeds) for row in rows}
     finals = {row.name: [f for _, f in finished[row.slug]] for row in rows
@@ -274,6 +277,7 @@ def write_outputs(base: TrainConfig, out: Path, rows: tuple[Row, ...], seeds: in
     (out / "ablation.json").write_text(json.dumps(document, indent=2) + "\n")
     table = out / "ablation.md"
     text = markdown_table(summary, base, seeds)
+    text += progress_section(finals, len(rows) * seeds, command)
     text += differences_table(differences)
     text += conclusions_section(found)
     table.write_text(text)
@@ -349,6 +353,22 @@ def markdown_table(summary: dict[str, Any], base: TrainConfig, seeds: int) -> st
                              "seed", "extra")}
     lines += ["", "Settings shared by every row: `" + json.dumps(settings, sort_keys=True) + "`", ""]
     return "\n".join(lines)
+
+
+def progress_section(finals: dict[str, list[dict[str, Any]]], planned: int,
+                     command: str | None) -> str:
+    """How many runs the table holds and what they cost, and the command that made them.
+
+    CPU time is each run's wall time times its torch threads (final.json's
+    ``wall_s`` and ``threads``; runs saved before ``threads`` was recorded count one).
+    """
+    done = [f for runs in finals.values() for f in runs]
+    thread_s = sum(f["wall_s"] * f.get("threads", 1) for f in done)
+    lines = [f"Finished runs: {len(done)} of {planned} (rows x seeds); their training and "
+             f"evaluation took {thread_s / 3600:.1f} CPU-hours (wall time x threads).", ""]
+    if command:
+        lines += [f"Made by: `{command}`", ""]
+    return "\n".join(lines) + "\n"
 
 
 def _interval(bounds: tuple[float, float] | None) -> str:

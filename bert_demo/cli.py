@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import Field, fields
@@ -294,6 +295,9 @@ def _missing_demo_modules() -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The command line as typed, recorded where results must say how they were made.
+    args.command_line = "python -m bert_demo " + shlex.join(
+        sys.argv[1:] if argv is None else argv)
     missing = _missing_demo_modules()
     if missing:
         # A library-only install (`pip install gradtools`) still has this script.
@@ -425,7 +429,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     table = run_ablation(base, Path(args.out), args.seeds, rows=args.rows, device=args.device,
                          progress=not args.no_progress, train=train, jobs=args.jobs,
-                         threads=torch.get_num_threads())
+                         threads=torch.get_num_threads(),
+                         command=args.command_line)
     print(table.read_text())
     return 0
 

@@ -291,9 +291,10 @@ PAPER_PRESET: dict[str, Any] = {
     "smart_eta": 1e-2,
 }
 
-# Sized for a 2-core CPU with the packaged MiniLM: 534 steps (two passes over SST)
-# and two dev evaluations took 21 CPU-minutes (21 min wall on a 2-core box shared
-# with other jobs, one thread); the measured scores are in the README.
+# Sized for a 2-core CPU without bf16 units (fp32) and the packaged MiniLM: one
+# epoch of 267 steps (one pass over SST's 8,544 sentences) and one dev evaluation,
+# about 10 minutes on two idle cores. Two epochs scored a little higher (README,
+# "Scores") but took 20 minutes, and the ablation runs this preset 36 times.
 QUICK_PRESET: dict[str, Any] = {
     **_FAST,
     "lr": 1.5e-4,
@@ -304,7 +305,7 @@ QUICK_PRESET: dict[str, Any] = {
     "batch_para": 16,
     "batch_sts": 8,
     "max_length": 64,
-    "epochs": 2,
+    "epochs": 1,
     "steps_per_epoch": 267,  # one pass over SST's 8,544 sentences
     "pooling": "mean",
     "schedule": "linear",

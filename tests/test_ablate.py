@@ -183,3 +183,41 @@ def test_parallel_jobs_train_split_threads_and_report_failures(base, tmp_path) -
                      threads=2)
     assert (tmp_path / "smart" / "seed0" / FINAL).is_file()
     assert not (tmp_path / "stsaug" / "seed0" / FINAL).is_file()
+
+
+def test_runs_go_seed_major_and_the_table_says_how_far_and_by_what_command(base,
+                                                                           tmp_path) -> None:
+    # Seed-major: an ablation stopped part-way (it spans sittings) has every row at the
+    # first seed before any row gets a second one.
+    order: list[str] = []
+
+    def fake(config, out, **kwargs):
+        order.append(f"{Path(out).parent.name}/{Path(out).name}")
+        final = {"wall_s": 90.0 if config.seed == 0 else 30.0, "threads": 2,
+                 "dev": {"sst_acc": 0.5, "para_acc": 0.7, "sts_pearson": 0.8, "overall": 0.7},
+                 "best": None}
+        (Path(out)).mkdir(parents=True, exist_ok=True)
+        (Path(out) / FINAL).write_text(json.dumps(final))
+        return final
+
+    rows = ["finetune", "smart", "pcgrad"]
+    run_ablation(base, tmp_path, seeds=2, rows=rows, progress=False, train=fake,
+                 command="python -m bert_demo ablate --seeds 2")
+    assert order == ["finetune/seed0", "smart/seed0", "pcgrad/seed0",
+                     "finetune/seed1", "smart/seed1", "pcgrad/seed1"]
+    text = (tmp_path / "ablation.md").read_text()
+    # 3 runs x 90 s x 2 threads + 3 x 30 s x 2 = 720 thread-seconds = 0.2 CPU-hours.
+    assert "Finished runs: 6 of 6 (rows x seeds); their training and evaluation took " \
+           "0.2 CPU-hours" in text
+    assert "Made by: `python -m bert_demo ablate --seeds 2`" in text
+    # A run that failed is not counted: the table says 5 of 6 and still names the command.
+    (tmp_path / "smart" / "seed1" / FINAL).unlink()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("no")
+
+    with pytest.raises(AblationFailed):
+        run_ablation(base, tmp_path, seeds=2, rows=rows, progress=False, train=failing,
+                     command="python -m bert_demo ablate --seeds 2")
+    text = (tmp_path / "ablation.md").read_text()
+    assert "Finished runs: 5 of 6" in text and "Made by: `python -m bert_demo ablate" in text
