@@ -169,6 +169,7 @@ def run_ablation(
     jobs: int = 1,
     threads: int = 1,
     command: str | None = None,
+    table_only: bool = False,
 ) -> Path:
     """Train every (row, seed) not finished yet with ``train``, then write the table.
 
@@ -188,7 +189,7 @@ def run_ablation(
              (out / row.slug / f"seed{seed}" / CHECKPOINT).is_file())
         # Seed-major, so an ablation stopped part-way has every row at the first seeds.
         for seed in range(seeds) for row in selected
-        if not (out / row.slug / f"seed{seed}" / FINAL).is_file()
+        if not (out / row.slug / f"seed{seed}" / FINAL).is_file() and not table_only
     ]
     failed: list[str] = []
 

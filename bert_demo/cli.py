@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of all runs and the table (default: runs/ablation)")
     ablate.add_argument("--no-progress", action="store_true",
                         help="no progress bars (default: progress bars)")
+    ablate.add_argument("--table-only", action="store_true",
+                        help="train nothing: write the table from the runs that finished")
     ablate.add_argument("--jobs", type=_positive_int, default=1, metavar="INT",
                         help="runs trained at once, in separate processes that split the "
                         "threads (--threads or all cores) evenly (default: 1)")
@@ -427,10 +429,12 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     from bert_demo.train import train
 
     base = config_from_args(args)
+    # --table-only summarizes the ablation the same command (without it) trains.
+    command = args.command_line.replace(" --table-only", "")
     table = run_ablation(base, Path(args.out), args.seeds, rows=args.rows, device=args.device,
                          progress=not args.no_progress, train=train, jobs=args.jobs,
-                         threads=torch.get_num_threads(),
-                         command=args.command_line)
+                         threads=torch.get_num_threads(), command=command,
+                         table_only=args.table_only)
     print(table.read_text())
     return 0
 

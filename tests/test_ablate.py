@@ -221,3 +221,28 @@ def test_runs_go_seed_major_and_the_table_says_how_far_and_by_what_command(base,
                      command="python -m bert_demo ablate --seeds 2")
     text = (tmp_path / "ablation.md").read_text()
     assert "Finished runs: 5 of 6" in text and "Made by: `python -m bert_demo ablate" in text
+
+
+def test_table_only_trains_nothing_and_records_the_training_command(base, tmp_path,
+                                                                    monkeypatch) -> None:
+    from bert_demo import cli
+
+    folder = tmp_path / "finetune" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / FINAL).write_text(json.dumps(
+        {"wall_s": 600.0, "threads": 1, "best": None,
+         "dev": {"sst_acc": 0.5, "para_acc": 0.7, "sts_pearson": 0.8, "overall": 0.7}}))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--table-only trained a run")
+
+    monkeypatch.setattr("bert_demo.train.train", no_training)
+    argv = ["ablate", "--seeds", "3", "--jobs", "2", "--table-only", "--out", str(tmp_path),
+            "--model", base.model, "--data", base.data]
+    assert cli.main(argv) == 0
+    text = (tmp_path / "ablation.md").read_text()
+    assert "| finetune baseline | 0.500 |" in text
+    assert "Finished runs: 1 of 36 (rows x seeds)" in text
+    assert (f"Made by: `python -m bert_demo ablate --seeds 3 --jobs 2 --out {tmp_path} "
+            f"--model {base.model} --data {base.data}`") in text
+    assert not (tmp_path / "smart").exists()
