@@ -330,17 +330,18 @@ def _paper_cells(scores: dict[str, float]) -> list[str]:
 def markdown_table(summary: dict[str, Any], base: TrainConfig, seeds: int) -> str:
     slugs = {r.name: r.slug for r in ROWS}
     lines = [
-        f"Dev scores, mean ± std over {seeds} seed(s) (no ± with one seed).",
+        f"Dev scores, mean ± std over the seeds each row has finished (of {seeds} planned; "
+        "no ± with one seed).",
         "",
         "| row | " + " | ".join(HEADERS) + " | " + " | ".join(f"paper {h}" for h in HEADERS)
-        + " | min/run |",
-        "|---" * (1 + 2 * len(HEADERS) + 1) + "|",
+        + " | seeds | min/run |",
+        "|---" * (1 + 2 * len(HEADERS) + 2) + "|",
     ]
     for name, entry in summary.items():
         ours = [_cell(entry.get(m)) for m in METRICS]
         paper = _paper_cells(PAPER_DEV_SCORES.get(slugs.get(name, ""), {}))
         lines.append(f"| {name} | " + " | ".join(ours) + " | " + " | ".join(paper)
-                     + f" | {entry['wall_s'] / 60:.1f} |")
+                     + f" | {entry['seeds']} | {entry['wall_s'] / 60:.1f} |")
     lines += ["", COMPARABILITY, "",
               "The report's test numbers (three rows; ours are dev only, the test labels are "
               "not public):", "", "| row | SST test | Quora test | STS test |", "|---|---|---|---|"]

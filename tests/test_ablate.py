@@ -87,8 +87,11 @@ def test_mean_and_std_over_seeds() -> None:
     assert summary["finetune baseline"]["sst_acc"]["std"] == pytest.approx(0.1)  # sample std
     table = markdown_table(summary, TrainConfig(), seeds=3)
     assert ("| finetune baseline | 0.500 ± 0.100 | 0.500 ± 0.000 | 0.200 ± 0.000 | "
-            "0.400 ± 0.000 | 0.511 | 0.750 | 0.345 | 0.644* |") in table
+            "0.400 ± 0.000 | 0.511 | 0.750 | 0.345 | 0.644* | 3 | 1.0 |") in table
     assert "| SMART + PCGrad | 0.525 | 0.762 | 0.336 |" in table  # the report's test numbers
+    # A row part-way through its seeds says how many it has (the ablation spans sittings).
+    partial = markdown_table(summarize({"finetune baseline": finals[:2]}), TrainConfig(), seeds=3)
+    assert "| 0.644* | 2 | 1.0 |" in partial and "(of 3 planned;" in partial
 
 
 def test_the_table_reports_each_runs_best_weights() -> None:

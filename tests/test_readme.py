@@ -182,3 +182,20 @@ def test_readme_block_runs(block: Block, tmp_path: Path, one_thread: None,
         for need in sorted(block.needs, key=list(SETUPS).index):
             stack.enter_context(SETUPS[need](names, tmp_path))
         exec(code, names)
+
+
+def test_readme_shows_the_committed_ablation_table() -> None:
+    # The README's ablation table is a copy of results/ablation/ablation.md's; a run
+    # committed without refreshing the copy (scripts/readme_ablation.py) fails here.
+    import runpy
+
+    root = README.parent
+    script = runpy.run_path(str(root / "scripts" / "readme_ablation.py"))
+    table = (root / "results" / "ablation" / "ablation.md").read_text()
+    block = script["table_block"](table)
+    assert "| finetune baseline |" in block and block.count("\n|") >= 3
+    readme = README.read_text()
+    assert f"{script['BEGIN']}\n{block}\n{script['END']}" in readme
+    # The check mode agrees, and says how to fix a stale copy.
+    stale = script["with_block"](readme, block.replace("| finetune baseline |", "| old |"))
+    assert stale != readme and "| old |" in stale
