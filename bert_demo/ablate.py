@@ -229,10 +229,17 @@ def dev_scores(final: dict[str, Any]) -> dict[str, float]:
     The paper kept the checkpoint with the best overall dev score, so the table does
     too (final.json's ``best``, the weights dev_predictions.csv.gz was computed from);
     runs written before best weights existed, or whose every evaluation was NaN,
-    fall back to the last evaluation (``dev``).
+    fall back to the last evaluation (``dev``). Tasks the run did not train are left
+    out, and then so is the overall score.
     """
     best = final.get("best")
     scores: dict[str, float] = best["dev"] if best else final["dev"]
+    # A task the run did not train has an untrained head: its dev score (and an
+    # overall that averages it in) says nothing about the row, so it is left out.
+    trained = final.get("config", {}).get("tasks", PAPER_TASKS)
+    untrained = [TASKS[t].metric_name for t in PAPER_TASKS if t not in trained]
+    if untrained:
+        scores = {m: v for m, v in scores.items() if m not in (*untrained, "overall")}
     return scores
 
 
