@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--no-progress", action="store_true",
                         help="no progress bars (default: progress bars)")
     ablate.add_argument("--table-only", action="store_true",
-                        help="train nothing: write the table from the runs that finished")
+                        help="train nothing: write the table from the runs that finished (default: "
+                        "train the runs not finished, then write the table)")
     ablate.add_argument("--jobs", type=_positive_int, default=1, metavar="INT",
                         help="runs trained at once, in separate processes that split the "
                         "threads (--threads or all cores) evenly (default: 1)")
