@@ -184,12 +184,12 @@ def run_ablation(
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     selected = select_rows(rows)
     out.mkdir(parents=True, exist_ok=True)
-    pending = [
+    pending = [] if table_only else [
         _Job(row, seed, out / row.slug / f"seed{seed}",
              (out / row.slug / f"seed{seed}" / CHECKPOINT).is_file())
         # Seed-major, so an ablation stopped part-way has every row at the first seeds.
         for seed in range(seeds) for row in selected
-        if not (out / row.slug / f"seed{seed}" / FINAL).is_file() and not table_only
+        if not (out / row.slug / f"seed{seed}" / FINAL).is_file()
     ]
     failed: list[str] = []
 

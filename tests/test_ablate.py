@@ -214,7 +214,7 @@ def test_runs_go_seed_major_and_the_table_says_how_far_and_by_what_command(base,
         final = {"wall_s": 90.0 if config.seed == 0 else 30.0, "threads": 2,
                  "dev": {"sst_acc": 0.5, "para_acc": 0.7, "sts_pearson": 0.8, "overall": 0.7},
                  "best": None}
-        (Path(out)).mkdir(parents=True, exist_ok=True)
+        Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / FINAL).write_text(json.dumps(final))
         return final
 
