@@ -26,8 +26,8 @@ from bert_demo.ablation_conclusions import conclusions
 from bert_demo.ablation_stats import Comparison, Run, compare
 from bert_demo.config import TrainConfig
 from bert_demo.dev_predictions import DEV_PREDICTIONS, read_dev_predictions
-from bert_demo.run_dir import CHECKPOINT, FINAL
-from bert_demo.speed import threads_for_jobs
+from bert_demo.run_dir import CHECKPOINT, FINAL, resolve_device
+from bert_demo.speed import bf16_is_native, threads_for_jobs
 from bert_demo.tasks import PAPER_TASKS, TASKS
 
 
@@ -191,6 +191,8 @@ def run_ablation(
         for seed in range(seeds) for row in selected
         if not (out / row.slug / f"seed{seed}" / FINAL).is_file()
     ]
+    if pending:
+        check_one_precision(out, base.precision, device)
     failed: list[str] = []
 
     def report(job: _Job, error: str | None) -> None:
@@ -221,6 +223,37 @@ def run_ablation(
                              + f". The table {table} covers the finished runs; rerun the same "
                              "command to retry the failed ones.")
     return table
+
+
+def finished_precisions(out: Path) -> set[str]:
+    """The precisions the finished runs in ``out`` trained in (as their final.json says)."""
+    found = set()
+    for path in out.glob(f"*/seed*/{FINAL}"):
+        precision = json.loads(path.read_text()).get("precision")
+        if precision is not None:
+            found.add(precision)
+    return found
+
+
+def check_one_precision(out: Path, requested: str, device: str | None) -> None:
+    """Refuse to add runs of one precision to an ablation whose runs trained in another.
+
+    ``--precision auto`` resolves per machine, so an ablation begun in fp32 on a CPU
+    without bf16 units and continued on one with them would mix fp32 and bf16 runs in
+    one table, and its paired differences would partly measure the precision.
+    """
+    finished = finished_precisions(out)
+    if not finished:
+        return
+    new = requested
+    if requested == "auto":
+        new = "bf16" if bf16_is_native(resolve_device(device))[0] else "fp32"
+    if finished != {new}:
+        shown = " and ".join(sorted(finished))
+        raise ValueError(
+            f"--out {out}: its finished runs trained in {shown}, but --precision {requested} "
+            f"trains new runs in {new} here; pass --precision {min(finished)} to continue "
+            "this ablation, or another --out to start one in " + new)
 
 
 def dev_scores(final: dict[str, Any]) -> dict[str, float]:
@@ -373,8 +406,12 @@ def progress_section(finals: dict[str, list[dict[str, Any]]], planned: int,
     """
     done = [f for runs in finals.values() for f in runs]
     thread_s = sum(f["wall_s"] * f.get("threads", 1) for f in done)
-    lines = [f"Finished runs: {len(done)} of {planned} (rows x seeds); their training and "
-             f"evaluation took {thread_s / 3600:.1f} CPU-hours (wall time x threads).", ""]
+    line = (f"Finished runs: {len(done)} of {planned} (rows x seeds); their training and "
+            f"evaluation took {thread_s / 3600:.1f} CPU-hours (wall time x threads).")
+    precisions = sorted({f["precision"] for f in done if "precision" in f})
+    if precisions:
+        line += f" Precision: {' and '.join(precisions)}."
+    lines = [line, ""]
     if command:
         lines += [f"Made by: `{command}`", ""]
     return "\n".join(lines) + "\n"
@@ -384,18 +421,19 @@ def _interval(bounds: tuple[float, float] | None) -> str:
     return "n/a" if bounds is None else f"[{bounds[0]:+.3f}, {bounds[1]:+.3f}]"
 
 
-def differences_table(differences: dict[str, dict[str, Comparison]]) -> str:
-    """Row minus finetune baseline per metric: mean, seed t-interval, example bootstrap."""
+def differences_table(differences: dict[str, dict[str, Comparison]],
+                      reference: str = "finetune baseline") -> str:
+    """Row minus ``reference`` per metric: mean, seed t-interval, example bootstrap."""
     lines = [
-        "## Paired differences against the finetune baseline", "",
-        "Each cell: mean over shared seeds of (row − finetune baseline); 95% interval over "
+        f"## Paired differences against the {reference}", "",
+        f"Each cell: mean over shared seeds of (row − {reference}); 95% interval over "
         "seeds (Student t, n−1 df); 95% paired bootstrap over dev examples; verdict "
         "(better/worse only when both intervals exclude 0; n/a: one seed or no saved "
         "predictions).", "",
         "| row | " + " | ".join(HEADERS) + " |", "|---" * (1 + len(HEADERS)) + "|",
     ]
     if not differences:
-        lines.append("| (no row shares a seed with the finetune baseline) |" + " |" * len(HEADERS))
+        lines.append(f"| (no row shares a seed with the {reference}) |" + " |" * len(HEADERS))
     for name, comparisons in differences.items():
         cells = []
         for metric in METRICS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -239,6 +240,53 @@ def test_runs_go_seed_major_and_the_table_says_how_far_and_by_what_command(base,
                      command="python -m bert_demo ablate --seeds 2")
     text = (tmp_path / "ablation.md").read_text()
     assert "Finished runs: 5 of 6" in text and "Made by: `python -m bert_demo ablate" in text
+
+
+def _finished(folder: Path, precision: str) -> dict:
+    final = {"wall_s": 60.0, "threads": 1, "precision": precision, "best": None,
+             "dev": {"sst_acc": 0.5, "para_acc": 0.7, "sts_pearson": 0.8, "overall": 0.7}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / FINAL).write_text(json.dumps(final))
+    return final
+
+
+def test_an_ablation_is_not_continued_in_another_precision(base, tmp_path, monkeypatch) -> None:
+    # Found by resuming an fp32 ablation on a CPU with bf16 units: --precision auto
+    # trained the last run in bf16 and the table mixed the two without a word.
+    _finished(tmp_path / "finetune" / "seed0", "fp32")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run of the other precision was trained")
+
+    rows = ["finetune", "smart"]
+    with pytest.raises(ValueError, match=r"--out .*trained in fp32, but --precision bf16 "
+                                         r"trains new runs in bf16 here; pass --precision fp32"):
+        run_ablation(dataclasses.replace(base, precision="bf16"), tmp_path, seeds=1,
+                     rows=rows, progress=False, train=no_training)
+    # auto is what hides it: on a machine with bf16 units it means bf16.
+    monkeypatch.setattr("bert_demo.ablate.bf16_is_native", lambda device: (True, "bf16 units"))
+    with pytest.raises(ValueError, match=r"--precision auto trains new runs in bf16"):
+        run_ablation(dataclasses.replace(base, precision="auto"), tmp_path, seeds=1,
+                     rows=rows, progress=False, train=no_training)
+    assert not (tmp_path / "smart" / "seed0").exists()
+
+    # The runs' own precision continues it, and the table names it.
+    trained: list[str] = []
+
+    def fake(config, out, **kwargs):
+        trained.append(Path(out).parent.name)
+        return _finished(Path(out), config.precision)
+
+    run_ablation(dataclasses.replace(base, precision="fp32"), tmp_path, seeds=1, rows=rows,
+                 progress=False, train=fake)
+    assert trained == ["smart"]
+    assert "CPU-hours (wall time x threads). Precision: fp32." in (
+        tmp_path / "ablation.md").read_text()
+    # --table-only trains nothing, so it may summarize a folder of any precision.
+    _finished(tmp_path / "pcgrad" / "seed0", "bf16")
+    table = run_ablation(base, tmp_path, seeds=1, rows=[*rows, "pcgrad"], progress=False,
+                         train=no_training, table_only=True)
+    assert "Precision: bf16 and fp32." in table.read_text()
 
 
 def test_table_only_trains_nothing_and_records_the_training_command(base, tmp_path,
