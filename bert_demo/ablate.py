@@ -27,7 +27,7 @@ from bert_demo.ablation_stats import Comparison, Run, compare
 from bert_demo.config import TrainConfig
 from bert_demo.dev_predictions import DEV_PREDICTIONS, read_dev_predictions
 from bert_demo.run_dir import CHECKPOINT, FINAL, resolve_device
-from bert_demo.speed import bf16_is_native, threads_for_jobs
+from bert_demo.speed import resolve_precision, threads_for_jobs
 from bert_demo.tasks import PAPER_TASKS, TASKS
 
 
@@ -245,9 +245,7 @@ def check_one_precision(out: Path, requested: str, device: str | None) -> None:
     finished = finished_precisions(out)
     if not finished:
         return
-    new = requested
-    if requested == "auto":
-        new = "bf16" if bf16_is_native(resolve_device(device))[0] else "fp32"
+    new = resolve_precision(requested, resolve_device(device), quiet=True)
     if finished != {new}:
         shown = " and ".join(sorted(finished))
         raise ValueError(

@@ -60,8 +60,9 @@ def bf16_is_native(device: torch.device, flags: set[str] | None = None) -> tuple
 
 
 def resolve_precision(requested: str, device: torch.device,
-                      flags: set[str] | None = None) -> str:
-    """``fp32`` or ``bf16`` for ``--precision requested``; one notice when auto falls back."""
+                      flags: set[str] | None = None, *, quiet: bool = False) -> str:
+    """``fp32`` or ``bf16`` for ``--precision requested``; one notice when auto falls back
+    (none with ``quiet``, for a check ahead of the runs that will give it)."""
     if requested not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {requested!r}")
     if requested != "auto":
@@ -69,7 +70,8 @@ def resolve_precision(requested: str, device: torch.device,
     native, why = bf16_is_native(device, flags)
     if native:
         return "bf16"
-    notice(f"--precision auto: using fp32 because {why}; --precision bf16 forces bf16")
+    if not quiet:
+        notice(f"--precision auto: using fp32 because {why}; --precision bf16 forces bf16")
     return "fp32"
 
 

@@ -264,7 +264,8 @@ def test_an_ablation_is_not_continued_in_another_precision(base, tmp_path, monke
         run_ablation(dataclasses.replace(base, precision="bf16"), tmp_path, seeds=1,
                      rows=rows, progress=False, train=no_training)
     # auto is what hides it: on a machine with bf16 units it means bf16.
-    monkeypatch.setattr("bert_demo.ablate.bf16_is_native", lambda device: (True, "bf16 units"))
+    monkeypatch.setattr("bert_demo.speed.bf16_is_native",
+                        lambda device, flags=None: (True, "bf16 units"))
     with pytest.raises(ValueError, match=r"--precision auto trains new runs in bf16"):
         run_ablation(dataclasses.replace(base, precision="auto"), tmp_path, seeds=1,
                      rows=rows, progress=False, train=no_training)

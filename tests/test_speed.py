@@ -55,6 +55,9 @@ def test_auto_picks_bf16_only_on_bf16_hardware(capsys: pytest.CaptureFixture[str
     assert resolve_precision("auto", CPU, flags={"avx2", "avx512f"}) == "fp32"
     notice = capsys.readouterr().err
     assert notice.count("\n") == 1 and "using fp32" in notice and "avx512_bf16" in notice
+    # quiet: the same answer without the notice (ablate's check before its runs).
+    assert resolve_precision("auto", CPU, flags={"avx2"}, quiet=True) == "fp32"
+    assert capsys.readouterr().err == ""
     # An explicit choice is obeyed, silently, whatever the hardware.
     assert resolve_precision("bf16", CPU, flags=set()) == "bf16"
     assert resolve_precision("fp32", CPU, flags={"avx512_bf16"}) == "fp32"
