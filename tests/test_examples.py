@@ -6,8 +6,10 @@ run them) so that torch, transformers and Lightning are imported once for all.
 
 from __future__ import annotations
 
+import os
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,3 +65,35 @@ def test_lightning_recipe(one_thread, capsys, monkeypatch) -> None:
     pytest.importorskip("lightning")
     out = run_example("lightning_manual.py", ["--steps", "30", "--log-every", "10"], capsys, monkeypatch)
     assert_loss_falls(out, 3)
+
+
+def test_amp_gradscaler_recipe(one_thread, capsys, monkeypatch) -> None:
+    out = run_example("amp_gradscaler.py", ["--steps", "40", "--log-every", "10", "--device", "cpu"],
+                      capsys, monkeypatch)
+    assert_loss_falls(out, 4)
+    scales = [float(s) for s in re.findall(r"scale ([0-9.]+)", out)]
+    assert scales and all(scale > 1 for scale in scales), out  # the GradScaler was in the loop
+
+
+def test_ddp_recipe_in_one_process(one_thread, capsys, monkeypatch) -> None:
+    out = run_example("ddp_torchrun.py", ["--steps", "40", "--log-every", "10"], capsys, monkeypatch)
+    assert_loss_falls(out, 4)
+    assert "processes 1" in out
+
+
+@pytest.mark.slow  # torchrun and two workers importing torch: ~10-20 s on 2 cores
+def test_ddp_recipe_under_torchrun_with_two_processes(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(EXAMPLES / "ddp_torchrun.py"), "--steps", "40", "--log-every", "10"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_loss_falls(done.stdout, 4)
+    assert done.stdout.count("processes 2") == 4, done.stdout  # rank 0 alone prints
+
+
+def test_accelerate_recipe(one_thread, capsys, monkeypatch) -> None:
+    pytest.importorskip("accelerate")
+    out = run_example("accelerate_loop.py", ["--steps", "40", "--log-every", "10"], capsys, monkeypatch)
+    assert_loss_falls(out, 4)
