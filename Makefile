@@ -17,7 +17,7 @@ demo: setup
 	$(PY) -m bert_demo train $(ARGS)
 
 lint: setup
-	$(PY) -m ruff check gradtools bert_demo benchmarks tests examples
+	$(PY) -m ruff check gradtools bert_demo benchmarks tests examples docs
 
 typecheck: setup
 	$(PY) -m mypy

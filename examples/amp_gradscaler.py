@@ -1,7 +1,7 @@
 """Mixed precision with a multi-task optimizer: autocast, torch.amp.GradScaler, clipping.
 
-    python examples/amp_gradscaler.py                 # float16 autocast + GradScaler, CUDA if present
-    python examples/amp_gradscaler.py --steps 40      # what the test suite runs (on a CPU)
+    python examples/amp_gradscaler.py                 # float16 autocast + GradScaler, on CUDA if present
+    python examples/amp_gradscaler.py --steps 40 --device cpu   # what the test suite runs
 
 The combined gradient is in ``.grad`` when ``opt.backward`` returns, so the usual
 GradScaler recipe applies unchanged: scale each task's loss, unscale before

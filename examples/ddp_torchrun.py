@@ -1,7 +1,7 @@
 """Data-parallel multi-task training: DistributedDataParallel, torchrun and an exact PCGrad.
 
     torchrun --nproc_per_node 2 examples/ddp_torchrun.py            # 2 CPU processes (gloo)
-    torchrun --nproc_per_node 4 examples/ddp_torchrun.py            # 4 GPUs (nccl), one per process
+    torchrun --nproc_per_node 4 examples/ddp_torchrun.py            # 4 GPUs (nccl; not run by the tests)
     python examples/ddp_torchrun.py --steps 40                      # one process, what the tests run
 
 PCGrad is nonlinear, so the mean of per-process surgeries is not the surgery of
