@@ -40,7 +40,7 @@ def make_optimizer(
         except ImportError as e:
             raise FeatureUnavailable(
                 f"--optimizer {name} needs the torch-optimizer package: "
-                "pip install 'gradtools[bench]'"
+                "pip install -e '.[bench]' in the clone"
             ) from e
         cls = torch_optimizer.Lamb if name == "lamb" else torch_optimizer.RAdam
         return cls(groups)

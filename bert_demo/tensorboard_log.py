@@ -33,7 +33,7 @@ def check_available(enabled: bool | None) -> None:
     if enabled and not tensorboard_installed():
         raise TensorBoardUnavailable(
             "--tensorboard: the tensorboard package is not installed; "
-            "pip install 'gradtools[tensorboard]' (or drop --tensorboard)")
+            "pip install -e '.[tensorboard]' in the clone (or drop --tensorboard)")
 
 
 class TensorBoardLog:
