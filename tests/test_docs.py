@@ -202,3 +202,23 @@ def test_the_site_renders_in_headless_chromium(site: Path, tmp_path: Path, page:
     assert len(colours) > 20, len(colours)
     if os.environ.get("GRADTOOLS_DOCS_SCREENSHOTS"):
         shutil.copy(shot, Path(os.environ["GRADTOOLS_DOCS_SCREENSHOTS"]) / page.replace("/", "_").replace(".html", ".png"))
+
+
+# --------------------------------------------------------------------------- paths in the prose
+
+REPO_PATH = re.compile(r"`((?:bert_demo|gradtools|examples|scripts|benchmarks|tests|results|docs)/[\w./-]*\w)`")
+
+
+def test_every_repository_path_the_readme_and_docs_name_exists() -> None:
+    # A file moved by a refactor leaves the prose pointing at nothing; this names the line.
+    pages = [ROOT / "README.md", ROOT / "examples" / "README.md",
+             *(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)]
+    missing, seen = [], 0
+    for page in pages:
+        for number, line in enumerate(page.read_text().splitlines(), start=1):
+            for path in REPO_PATH.findall(line):
+                seen += 1
+                if not path.startswith("docs/_build/") and not (ROOT / path).exists():
+                    missing.append(f"{page.relative_to(ROOT)}:{number}: {path}")
+    assert seen >= 20
+    assert not missing, "\n".join(missing)
