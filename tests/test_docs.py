@@ -207,9 +207,24 @@ def test_the_site_renders_in_headless_chromium(site: Path, tmp_path: Path, page:
 # --------------------------------------------------------------------------- paths in the prose
 
 REPO_PATH = re.compile(r"`((?:bert_demo|gradtools|examples|scripts|benchmarks|tests|results|docs)/[\w./-]*\w)`")
+DOTTED = re.compile(r"`((?:bert_demo|gradtools)(?:\.\w+)+)(?:\(\))?`")
 
 
-def test_every_repository_path_the_readme_and_docs_name_exists() -> None:
+def _importable(dotted: str) -> bool:
+    """A module, or a module's attribute (``bert_demo.export.load_export``)."""
+    module, _, attribute = dotted.rpartition(".")
+    try:
+        importlib.import_module(dotted)
+        return True
+    except ImportError:
+        pass
+    try:
+        return hasattr(importlib.import_module(module), attribute)
+    except ImportError:
+        return False
+
+
+def test_every_path_and_module_the_readme_and_docs_name_exists() -> None:
     # A file moved by a refactor leaves the prose pointing at nothing; this names the line.
     pages = [ROOT / "README.md", ROOT / "examples" / "README.md",
              *(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)]
@@ -220,5 +235,11 @@ def test_every_repository_path_the_readme_and_docs_name_exists() -> None:
                 seen += 1
                 if not path.startswith("docs/_build/") and not (ROOT / path).exists():
                     missing.append(f"{page.relative_to(ROOT)}:{number}: {path}")
-    assert seen >= 20
+            for dotted in DOTTED.findall(line):
+                seen += 1
+                if dotted.startswith("gradtools.weighting") and not _importable("gradtools.weighting"):
+                    continue  # written on another branch; its page is optional (docs/conf.py)
+                if not _importable(dotted):
+                    missing.append(f"{page.relative_to(ROOT)}:{number}: {dotted}")
+    assert seen >= 40
     assert not missing, "\n".join(missing)
