@@ -86,8 +86,13 @@ def test_ddp_recipe_in_one_process(one_thread, capsys, monkeypatch) -> None:
 @pytest.mark.slow  # torchrun and two workers importing torch: ~10-20 s on 2 cores
 def test_ddp_recipe_under_torchrun_with_two_processes(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo on the CPU
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    env |= {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",  # gloo on the CPU
+            "GLOO_SOCKET_IFNAME": "lo"}
+    # c10d rendezvous on loopback, port 0: the launcher picks a free port, so runs in parallel
+    # (another test's torchrun, another checkout's suite) never race for torchrun's default port.
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                           "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+                           "--rdzv-endpoint", "127.0.0.1:0",
                            str(EXAMPLES / "ddp_torchrun.py"), "--steps", "40", "--log-every", "10"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
