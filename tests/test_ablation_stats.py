@@ -251,6 +251,7 @@ def test_ablation_files_give_the_known_differences(tmp_path: Path) -> None:
     assert sst["seed_interval"] == pytest.approx([0.2, 0.2], abs=1e-4)  # no spread over seeds
     assert sst["example_interval"][0] > 0.1 and sst["verdict"] == "better"
     assert "| SMART | +0.200 seeds [+0.200, +0.200]" in table
+    assert (tmp_path / "differences.png").read_bytes()[:4] == b"\x89PNG"  # beside the table
     assert "**inconclusive**: rows not run" in table  # the other rows were not run
 
     # The same files read as one seed: differences, but no interval and no verdict.
@@ -321,6 +322,8 @@ def test_committed_bf16_table_regenerates_byte_identical(tmp_path: Path, monkeyp
     from bert_demo.cli import main
 
     shutil.copytree(BF16, tmp_path / "results" / "precision-bf16")
+    figure = tmp_path / "results" / "precision-bf16" / "differences.png"
+    figure.unlink(missing_ok=True)
     made_by = next(line for line in (BF16 / "ablation.md").read_text().splitlines()
                    if line.startswith("Made by: "))
     command = made_by.removeprefix("Made by: `python -m bert_demo ").removesuffix("`")
@@ -329,3 +332,4 @@ def test_committed_bf16_table_regenerates_byte_identical(tmp_path: Path, monkeyp
     capsys.readouterr()
     regenerated = tmp_path / "results" / "precision-bf16" / "ablation.md"
     assert regenerated.read_bytes() == (BF16 / "ablation.md").read_bytes()
+    assert figure.read_bytes()[:4] == b"\x89PNG"  # --table-only redraws the figure too
