@@ -41,6 +41,7 @@ class DrawnDifference:
     example_interval: tuple[float, float] | None
     paper: float | None  # the report's difference; None where it lacks a number
     paper_clipped: bool  # drawn as an arrow at the panel's edge
+    filled: bool  # its markers are filled: both intervals exclude 0 on one side
 
 
 def paper_difference(slug: str, metric: str) -> float | None:
@@ -64,11 +65,15 @@ def _axis_limits(ours: list[float], paper: list[float]) -> tuple[float, float]:
     return low - pad, high + pad
 
 
-def _interval_of(container: Any) -> tuple[float, tuple[float, float]]:
-    """(mean, (low, high)) of an ``ax.errorbar`` drawn with xerr, from its artists."""
+def _interval_of(container: Any) -> tuple[float, tuple[float, float], bool]:
+    """(mean, (low, high), filled) of an ``ax.errorbar`` drawn with xerr, from its artists."""
     (segment,) = container.lines[2][0].get_segments()
-    return float(container.lines[0].get_xdata()[0]), (float(segment[0][0]),
-                                                      float(segment[1][0]))
+    from matplotlib.colors import to_rgba
+
+    marker = container.lines[0]
+    filled = to_rgba(marker.get_markerfacecolor()) != to_rgba("white")
+    return (float(marker.get_xdata()[0]), (float(segment[0][0]), float(segment[1][0])),
+            filled)
 
 
 def _draw_paper(ax: Any, y: float, paper: float, low: float, high: float) -> bool:
@@ -93,7 +98,7 @@ def _draw_row(ax: Any, y: float, name: str, comparison: Mapping[str, Any],
     mean = comparison["mean"]
     # Both intervals on one side of zero (the table's better/worse): filled markers.
     filled = comparison["verdict"] in ("better", "worse")
-    drawn: dict[str, tuple[float, tuple[float, float]]] = {}
+    drawn: dict[str, tuple[float, tuple[float, float], bool]] = {}
     for key, color, offset in (("seed_interval", SEED_COLOR, -0.14),
                                ("example_interval", EXAMPLE_COLOR, 0.14)):
         bounds = comparison[key]
@@ -104,13 +109,13 @@ def _draw_row(ax: Any, y: float, name: str, comparison: Mapping[str, Any],
                 markerfacecolor=color if filled else "white"))
     if not drawn:  # one seed and no saved predictions: the mean alone
         ax.plot([mean], [y], "o", color="0.4", markersize=5)
-    means = [m for m, _ in drawn.values()]
+    means = [m for m, _, _ in drawn.values()]
     clipped = paper is not None and _draw_paper(ax, y, paper, *limits)
     return DrawnDifference(
         row=name, metric=comparison["metric"], mean=means[0] if means else mean,
         seed_interval=drawn["seed_interval"][1] if "seed_interval" in drawn else None,
         example_interval=drawn["example_interval"][1] if "example_interval" in drawn else None,
-        paper=paper, paper_clipped=clipped)
+        paper=paper, paper_clipped=clipped, filled=any(f for *_, f in drawn.values()))
 
 
 def plot_differences(rows: Mapping[str, Any], path: Path,

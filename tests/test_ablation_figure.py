@@ -69,6 +69,8 @@ def test_the_figure_draws_the_tables_numbers(committed, folder: str) -> None:
                 assert got is None
             else:
                 assert got == pytest.approx(c[key], abs=1e-12), (d.row, d.metric, key)
+        # Filled where the table says better or worse, hollow where unclear.
+        assert d.filled == (c["verdict"] in ("better", "worse")), (d.row, d.metric)
         # The same numbers as the markdown table's cell, as it rounds them.
         cell = _table_cell(table, d.row, columns.index(d.metric))
         assert cell.startswith(f"{d.mean:+.3f} seeds {_shown(d.seed_interval)} "
@@ -90,6 +92,8 @@ def test_the_paper_differences_are_the_reports() -> None:
 
 def test_the_committed_figure_marks_the_papers_differences(committed) -> None:
     drawn = {(d.row, d.metric): d for d in committed["ablation"][2]}
+    assert drawn["SMART", "overall"].filled  # worse: both intervals below 0
+    assert not drawn["PCGrad", "sst_acc"].filled  # unclear: the seeds' interval spans 0
     smart = drawn["SMART", "sts_pearson"]
     assert smart.paper == pytest.approx(0.026) and not smart.paper_clipped
     assert drawn["SMART + UPGrad + stsAug", "sst_acc"].paper is None
@@ -118,7 +122,7 @@ def test_rows_without_intervals_and_an_empty_ablation(tmp_path: Path) -> None:
             "SMART": {"slug": "smart", "vs_finetune": {"sst_acc": one_seed}}}
     (drawn,) = plot_differences(rows, tmp_path / "one.png")
     assert drawn == DrawnDifference("SMART", "sst_acc", 0.02, None, None,
-                                    pytest.approx(-0.009), False)
+                                    pytest.approx(-0.009), False, False)
     assert plot_differences({"finetune baseline": {"slug": "finetune"}},
                             tmp_path / "none.png") == []
     assert (tmp_path / "none.png").read_bytes()[:4] == PNG
