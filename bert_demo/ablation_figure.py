@@ -165,7 +165,7 @@ def plot_differences(rows: Mapping[str, Any], path: Path,
         Line2D([], [], color=EXAMPLE_COLOR, marker="o", linewidth=2,
                label="95% interval over dev examples (paired bootstrap)"),
         Line2D([], [], color="0.4", marker="o", markerfacecolor="white", linestyle="",
-               label="hollow: unclear (an interval includes 0)"),
+               label="hollow: unclear (an interval includes 0, or is missing)"),
         Line2D([], [], color=PAPER_COLOR, marker="D", markerfacecolor="none", linestyle="",
                label="paper's difference (bert-base, one run)"),
     ]
