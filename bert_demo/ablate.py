@@ -7,8 +7,9 @@ separate processes that split the threads; a run that fails does not stop the
 others, and ablate exits non-zero afterwards naming it. The table (mean +- std
 over seeds, the paper's numbers beside, paired differences against the finetune
 baseline and what they say about the report's conclusions) goes to
-OUT/ablation.md, the numbers to OUT/ablation.json and a bar chart to
-OUT/ablation.png.
+OUT/ablation.md, the numbers to OUT/ablation.json and the paired differences,
+drawn with both their intervals, to OUT/differences.png
+(:mod:`bert_demo.ablation_figure`).
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ def load_runs(out: Path, row: Row, seeds: int) -> list[tuple[Run, dict[str, Any]
 
 def write_outputs(base: TrainConfig, out: Path, rows: tuple[Row, ...], seeds: int,
                   command: str | None = None) -> Path:
-    """ablation.md, ablation.json and ablation.png from the finished runs in ``out``."""
+    """ablation.md, ablation.json and differences.png from the finished runs in ``out``."""
     finished = {row.slug: load_runs(out, row, seeds) for row in rows}
     finals = {row.name: [f for _, f in finished[row.slug]] for row in rows
               if finished[row.slug]}
@@ -320,7 +321,11 @@ def write_outputs(base: TrainConfig, out: Path, rows: tuple[Row, ...], seeds: in
     text += differences_table(differences)
     text += conclusions_section(found)
     table.write_text(text)
-    plot(summary, out / "ablation.png")
+    # Imported here: bert_demo.ablation_figure imports this module's paper numbers.
+    from bert_demo.ablation_figure import DIFFERENCES_FIGURE, plot_differences
+
+    plot_differences(summary, out / DIFFERENCES_FIGURE, title=f"{out.name}: row − finetune "
+                     "baseline on dev, mean over the seeds both ran")
     return table
 
 
@@ -451,36 +456,3 @@ def conclusions_section(found: list[Any]) -> str:
         lines.append(f"{c.number}. {c.claim} **{c.status}**: {c.evidence}")
     return "\n".join(lines) + "\n"
 
-
-def plot(summary: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary)
-    slugs = {r.name: r.slug for r in ROWS}
-    # Any: the matplotlib type stubs here lag its real signatures.
-    fig: Any
-    ax: Any
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4.5))
-    width = 0.8 / len(METRICS)
-    for k, (metric, header) in enumerate(zip(METRICS, HEADERS, strict=True)):
-        means = [summary[n].get(metric, {"mean": math.nan})["mean"] for n in names]
-        stds = [summary[n].get(metric, {"std": math.nan})["std"] for n in names]
-        # One seed has no spread: draw no error bars rather than zero-length ones.
-        errors = None if all(math.isnan(s) for s in stds) else [
-            0.0 if math.isnan(s) else s for s in stds]
-        xs = [i + (k - (len(METRICS) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, means, width, yerr=errors, capsize=2, label=header)
-        paper = [PAPER_DEV_SCORES.get(slugs.get(n, ""), {}).get(metric, math.nan)
-                 if metric != "overall" else math.nan for n in names]
-        ax.plot(xs, paper, "k_", markersize=8, label="paper (bert-base)" if k == 0 else None)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("dev score")
-    ax.legend(ncol=len(METRICS) + 1, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.12))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

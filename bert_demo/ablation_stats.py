@@ -4,9 +4,9 @@ Two rows are compared on the seeds both ran (seed k of one row against seed k of
 the other: same data order, same initial heads), per task metric:
 
 - **over seeds**: the mean of the per-seed differences with a two-sided 95%
-  Student-t interval, ``mean +- t_{0.975, n-1} * sd / sqrt(n)``. It measures how
-  much the difference moves from one training run to the next. One seed has no
-  interval.
+  Student-t interval, ``mean +- t_{0.975, n-1} * sd / sqrt(n)`` (scipy.stats.t). It
+  measures how much the difference moves from one training run to the next. One
+  seed has no interval.
 - **over dev examples**: a paired bootstrap. Each replicate resamples the dev
   examples of a task with replacement (the same draw for every seed and both
   rows) and recomputes the mean difference of the metric; the interval is the
@@ -20,7 +20,6 @@ exclude zero on the same side; anything less is ``unclear``.
 
 from __future__ import annotations
 
-import functools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -75,40 +74,18 @@ class Comparison:
                 "verdict": self.verdict}
 
 
-@functools.lru_cache(maxsize=256)
 def t_quantile(probability: float, df: int) -> float:
     """The ``probability`` quantile of Student's t with ``df`` degrees of freedom (p > 0.5).
 
-    Bisection on the CDF; the CDF integrates the density with Simpson's rule on
-    the substitution x = tan(theta), which keeps the heavy tail finite.
+    scipy.stats.t.ppf; imported here so that the rest of bert_demo runs without scipy.
     """
     if df < 1:
         raise ValueError(f"df must be >= 1, got {df}")
     if not 0.5 < probability < 1:
         raise ValueError(f"probability must be in (0.5, 1), got {probability}")
-    log_norm = (math.lgamma((df + 1) / 2) - math.lgamma(df / 2)
-                - 0.5 * math.log(df * math.pi))
+    from scipy import stats
 
-    def cdf(t: float) -> float:
-        # integral_0^t f(x) dx with x = tan(a): f(tan a) / cos(a)^2 over [0, atan t].
-        top = math.atan(t)
-        steps = 2000
-
-        def g(a: float) -> float:
-            x = math.tan(a)
-            return math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df)) / math.cos(a) ** 2
-
-        h = top / steps
-        total = g(0.0) + g(top) + sum((4 if k % 2 else 2) * g(k * h) for k in range(1, steps))
-        return 0.5 + total * h / 3
-
-    low, high = 0.0, 1.0
-    while cdf(high) < probability:
-        high *= 2
-    for _ in range(60):
-        mid = (low + high) / 2
-        low, high = (mid, high) if cdf(mid) < probability else (low, mid)
-    return (low + high) / 2
+    return float(stats.t.ppf(probability, df))
 
 
 def seed_interval(differences: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
@@ -148,7 +125,11 @@ def bootstrap_differences(
     task: str, row: Sequence[DevPredictions], reference: Sequence[DevPredictions],
     replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0,
 ) -> Tensor:
-    """[replicates] mean over seeds of metric(row) - metric(reference) on resampled examples."""
+    """[replicates] mean over seeds of metric(row) - metric(reference) on resampled examples.
+
+    Not scipy.stats.bootstrap: its resamples come from numpy's generator, not this
+    seeded torch one, so it would redraw them and move every committed interval.
+    """
     gold, predicted = _aligned(task, [*row, *reference])
     n = len(gold)
     generator = torch.Generator().manual_seed(seed)

@@ -133,7 +133,7 @@ def test_ablation_runs_rows_and_skips_finished_ones(base, tmp_path) -> None:
             assert final["config"]["seed"] == seed
     assert "| single-task SST baseline |" in text and "| SMART + PCGrad + stsAug |" in text
     assert text.count(" ± ") >= 3 * 4
-    assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "differences.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((tmp_path / "ablation.json").read_text())
     rows_json = summary["rows"]
     assert rows_json["pretrained baseline (frozen encoder)"]["seeds"] == 2
