@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from bert_demo.ablate import ROWS
+from bert_demo.ablation.ablate import ROWS
 from bert_demo.config import (
     MODE_ALIASES,
     PRESETS,
@@ -37,9 +37,9 @@ from bert_demo.config import (
     field_type,
     preset_config,
 )
-from bert_demo.speed import PRECISIONS
+from bert_demo.run_folder.weights import WEIGHT_CHOICES
 from bert_demo.tasks import TASKS
-from bert_demo.weights import WEIGHT_CHOICES
+from bert_demo.training.speed import PRECISIONS
 
 DEFAULT_PRESET = "quick"
 # The TrainConfig fields that are flags (all but the free-form notes).
@@ -156,8 +156,8 @@ def resumed_config(saved: TrainConfig, args: argparse.Namespace) -> tuple[TrainC
 
     Returns the config and a line naming what changed.
     """
-    from bert_demo.run_dir import RunDirError
-    from bert_demo.train import RESUMABLE
+    from bert_demo.run_folder.run_dir import RunDirError
+    from bert_demo.training.train import RESUMABLE
 
     if args.preset is not None:
         raise RunDirError("--resume continues with the run's saved settings; drop --preset")
@@ -310,13 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threads < 1:
             _fail(parser, f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    from bert_demo.ablate import AblationFailed
-    from bert_demo.optim import FeatureUnavailable
-    from bert_demo.run_dir import RunDirError
+    from bert_demo.ablation.ablate import AblationFailed
+    from bert_demo.run_folder.run_dir import RunDirError
+    from bert_demo.training.optim import FeatureUnavailable
 
     if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _fail(parser, f"only 'train' runs under torchrun; run '{args.command}' as one process")
-    from bert_demo.train import TrainingDiverged
+    from bert_demo.training.train import TrainingDiverged
 
     try:
         return _COMMANDS[args.command](args)
@@ -336,9 +336,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from bert_demo.distributed import from_env
-    from bert_demo.run_dir import CONFIG, RunDirError, load_config
-    from bert_demo.train import train
+    from bert_demo.run_folder.run_dir import CONFIG, RunDirError, load_config
+    from bert_demo.training.distributed import from_env
+    from bert_demo.training.train import train
 
     # Under torchrun: join the other processes (a no-op for a single process).
     ranks, device = from_env(args.device)
@@ -374,11 +374,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from bert_demo.data import find_data_dir, load_split, require_rows
-    from bert_demo.evaluate import evaluate
-    from bert_demo.run_dir import load_run, resolve_device, write_json
-    from bert_demo.speed import autocast, resolve_precision
+    from bert_demo.evaluation.evaluate import evaluate
+    from bert_demo.run_folder.run_dir import load_run, resolve_device, write_json
     from bert_demo.tasks import get_task
+    from bert_demo.tasks.data import find_data_dir, load_split, require_rows
+    from bert_demo.training.speed import autocast, resolve_precision
 
     device = resolve_device(args.device)
     trained = load_run(args.run, device, args.weights)
@@ -407,7 +407,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from bert_demo.predict import predict_files
+    from bert_demo.evaluation.predict import predict_files
 
     written = predict_files(args.run, args.input, args.task, args.output, args.data, args.device,
                             args.weights, progress=not args.no_progress, precision=args.precision)
@@ -417,7 +417,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from bert_demo.analyze import analyze
+    from bert_demo.evaluation.analyze import analyze
 
     report = analyze(args.run, args.out, args.top, args.data, args.max_eval_examples, args.device,
                      args.weights, progress=not args.no_progress, precision=args.precision)
@@ -426,8 +426,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
-    from bert_demo.ablate import run_ablation
-    from bert_demo.train import train
+    from bert_demo.ablation.ablate import run_ablation
+    from bert_demo.training.train import train
 
     base = config_from_args(args)
     # --table-only summarizes the ablation the same command (without it) trains.

@@ -13,9 +13,9 @@ import typing
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
-from bert_demo.multitask import HeadSettings
-from bert_demo.speed import ADAMW_IMPLS, PRECISIONS
+from bert_demo.model.multitask import HeadSettings
 from bert_demo.tasks import PAPER_TASKS, TASKS, get_task
+from bert_demo.training.speed import ADAMW_IMPLS, PRECISIONS
 from gradtools.aggregation import available as available_aggregators
 
 OPTIMIZERS = ("adamw", "torch-adamw", "lamb", "radam")

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from bert_demo.model import load_pretrained, resolve_model_path, to_hf_state_dict
-from bert_demo.model_files import SOURCE, encoder_files
-from bert_demo.multitask import HeadSettings, MultitaskBert
-from bert_demo.run_dir import load_run, write_json
+from bert_demo.model.multitask import HeadSettings, MultitaskBert
+from bert_demo.model.tokenizer import WordPieceTokenizer
+from bert_demo.run_folder.encoder_files import SOURCE, encoder_files
+from bert_demo.run_folder.run_dir import load_run, write_json
 from bert_demo.tasks import get_task
-from bert_demo.tokenizer import WordPieceTokenizer
 
 HEADS_WEIGHTS = "heads.safetensors"
 HEADS_INFO = "heads.json"

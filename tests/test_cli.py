@@ -194,15 +194,15 @@ def test_flags_come_from_train_config_fields() -> None:
 
 
 def test_ablate_exits_1_naming_a_failed_run(monkeypatch, capsys, tmp_path) -> None:
-    import bert_demo.ablate
+    import bert_demo.ablation.ablate
 
     seen: dict[str, object] = {}
 
     def failing(base, out, seeds, **kwargs):
         seen.update(kwargs)
-        raise bert_demo.ablate.AblationFailed("1 ablation run(s) failed: smart/seed0 (boom)")
+        raise bert_demo.ablation.ablate.AblationFailed("1 ablation run(s) failed: smart/seed0 (boom)")
 
-    monkeypatch.setattr(bert_demo.ablate, "run_ablation", failing)
+    monkeypatch.setattr(bert_demo.ablation.ablate, "run_ablation", failing)
     code = main(["ablate", "--out", str(tmp_path), "--jobs", "2", "--threads", "2",
                  "--no-progress"])
     assert code == 1

@@ -24,12 +24,12 @@ import torch.distributed as dist
 from demo_fixtures import write_tiny_data, write_tiny_model
 from rank_launcher import run_ranks
 
-import bert_demo.train as train_module
+import bert_demo.training.train as train_module
 from bert_demo.config import TrainConfig
-from bert_demo.dev_predictions import DEV_PREDICTIONS
-from bert_demo.distributed import Ranks
-from bert_demo.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError
-from bert_demo.train import Trainer
+from bert_demo.run_folder.dev_predictions import DEV_PREDICTIONS
+from bert_demo.run_folder.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError
+from bert_demo.training.distributed import Ranks
+from bert_demo.training.train import Trainer
 
 WORLD = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -281,7 +281,7 @@ def test_shard_gives_each_rank_a_disjoint_equal_share() -> None:
 
 
 def test_from_env_outside_torchrun_is_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bert_demo.distributed import from_env
+    from bert_demo.training.distributed import from_env
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     ranks, device = from_env("cpu")
@@ -299,7 +299,7 @@ def test_from_env_outside_torchrun_is_one_process(monkeypatch: pytest.MonkeyPatc
 def test_from_env_errors_name_the_problem(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str | None], device: str, message: str
 ) -> None:
-    from bert_demo.distributed import from_env
+    from bert_demo.training.distributed import from_env
 
     base: dict[str, str | None] = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
@@ -324,7 +324,7 @@ def test_only_train_runs_under_torchrun(monkeypatch: pytest.MonkeyPatch, capsys)
 
 
 def test_rank_seeds_differ_per_rank_and_refuse_rank_0() -> None:
-    from bert_demo.distributed import rank_seed
+    from bert_demo.training.distributed import rank_seed
 
     assert len({rank_seed(0, r) for r in range(1, 9)}) == 8
     assert rank_seed(0, 1) != rank_seed(1, 1)
@@ -333,7 +333,7 @@ def test_rank_seeds_differ_per_rank_and_refuse_rank_0() -> None:
 
 
 def test_errors_that_cannot_travel_between_ranks_keep_their_text() -> None:
-    from bert_demo.distributed import _picklable
+    from bert_demo.training.distributed import _picklable
 
     plain = RunDirError("already holds a run")
     assert _picklable(plain) is plain

@@ -14,8 +14,8 @@ from demo_fixtures import write_tiny_data, write_tiny_model
 
 import gradtools
 from bert_demo.config import TrainConfig
-from bert_demo.mnrl import multiple_negatives_ranking_loss as mnrl
-from bert_demo.train import Trainer
+from bert_demo.training.mnrl import multiple_negatives_ranking_loss as mnrl
+from bert_demo.training.train import Trainer
 
 
 def test_value_for_orthogonal_candidates() -> None:

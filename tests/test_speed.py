@@ -13,16 +13,16 @@ from demo_fixtures import write_tiny_data, write_tiny_model
 
 import gradtools
 from bert_demo.config import PRESETS, TrainConfig
-from bert_demo.dev_predictions import DEV_PREDICTIONS, read_dev_predictions
-from bert_demo.run_dir import FINAL
-from bert_demo.speed import (
+from bert_demo.run_folder.dev_predictions import DEV_PREDICTIONS, read_dev_predictions
+from bert_demo.run_folder.run_dir import FINAL
+from bert_demo.training.speed import (
     autocast,
     cpu_flags,
     resolve_adamw_impl,
     resolve_precision,
     threads_for_jobs,
 )
-from bert_demo.train import Trainer
+from bert_demo.training.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

@@ -12,9 +12,9 @@ from demo_fixtures import write_tiny_data, write_tiny_model
 
 from bert_demo.config import TrainConfig
 from bert_demo.model import load_pretrained
-from bert_demo.multitask import MultitaskBert
+from bert_demo.model.multitask import MultitaskBert
 from bert_demo.tasks import PAPER_TASKS, TASKS, get_task, guess_task, model_tasks
-from bert_demo.train import Trainer
+from bert_demo.training.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,9 +12,9 @@ import torch
 from demo_fixtures import write_tiny_data, write_tiny_model
 
 from bert_demo.config import TrainConfig
-from bert_demo.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError, load_trained
-from bert_demo.train import Trainer, train
-from bert_demo.weights import LAST_WEIGHTS
+from bert_demo.run_folder.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError, load_trained
+from bert_demo.run_folder.weights import LAST_WEIGHTS
+from bert_demo.training.train import Trainer, train
 
 
 @pytest.fixture(scope="module")

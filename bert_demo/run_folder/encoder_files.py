@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bert_demo.run_dir import atomic_write, write_json
+from bert_demo.run_folder.run_dir import atomic_write, write_json
 
 ENCODER_FILES_DIR = "encoder"
 SOURCE = "source.json"

@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from bert_demo.batching import Example, eval_batches
-from bert_demo.metrics import accuracy, overall_score, pearson
-from bert_demo.multitask import MultitaskBert
-from bert_demo.run_dir import atomic_write
+from bert_demo.model.multitask import MultitaskBert
+from bert_demo.model.tokenizer import WordPieceTokenizer
+from bert_demo.run_folder.run_dir import atomic_write
 from bert_demo.tasks import get_task, overall
-from bert_demo.tokenizer import WordPieceTokenizer
+from bert_demo.tasks.batching import Example, eval_batches
+from bert_demo.tasks.metrics import accuracy, overall_score, pearson
 
 __all__ = ["TaskPredictions", "accuracy", "evaluate", "evaluate_with_predictions",
            "overall_score", "pearson", "predict_task", "write_predictions"]

@@ -11,11 +11,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from bert_demo.data import find_data_dir, read_task_file
-from bert_demo.evaluate import predict_task, write_predictions
-from bert_demo.run_dir import load_trained, resolve_device, run_folder
-from bert_demo.speed import run_autocast
+from bert_demo.evaluation.evaluate import predict_task, write_predictions
+from bert_demo.run_folder.run_dir import load_trained, resolve_device, run_folder
 from bert_demo.tasks import PAPER_TASKS, get_task, guess_task
+from bert_demo.tasks.data import find_data_dir, read_task_file
+from bert_demo.training.speed import run_autocast
 
 
 def default_inputs(data_dir: Path, tasks: Sequence[str] = PAPER_TASKS) -> list[tuple[str, Path]]:
@@ -44,7 +44,7 @@ def predict_files(
 
     With one input and ``output`` ending in .csv, that is the file written; else
     ``output`` is a folder (default: RUN/predictions). ``precision``: see
-    :func:`bert_demo.speed.run_autocast` (None: the run's own).
+    :func:`bert_demo.training.speed.run_autocast` (None: the run's own).
     """
     torch_device = resolve_device(device)
     model, tokenizer, config = load_trained(run, torch_device, weights)

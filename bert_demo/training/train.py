@@ -1,18 +1,18 @@
 """The multitask training loop: one batch of every task per step, as in the paper.
 
 Each step draws one batch per task (the order is a pure function of seed and step,
-see :mod:`bert_demo.batching`), computes each task's loss (plus SMART's adversarial
+see :mod:`bert_demo.tasks.batching`), computes each task's loss (plus SMART's adversarial
 and Bregman terms with ``smart``), and either sums the losses or hands them to
 PCGrad, which removes conflicting components before the optimizer step.
 
-A run lives in one folder (see :mod:`bert_demo.run_dir`). Checkpoints are written atomically at every epoch end, when training finishes and
+A run lives in one folder (see :mod:`bert_demo.run_folder.run_dir`). Checkpoints are written atomically at every epoch end, when training finishes and
 on Ctrl-C (the step in flight completes first; a second Ctrl-C aborts at once).
 Every evaluation that beats the best dev overall score so far saves the weights
 (best.safetensors); a finished run keeps model-only weights (model.safetensors) and
 deletes its optimizer checkpoint unless asked to keep it.
 
 Under torchrun every process runs this loop on its share of each batch; see
-:mod:`bert_demo.distributed` for what is averaged and what only rank 0 does.
+:mod:`bert_demo.training.distributed` for what is averaged and what only rank 0 does.
 """
 
 from __future__ import annotations
@@ -34,26 +34,15 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from bert_demo import run_dir
-from bert_demo.batching import (
-    Example,
-    batch_indices,
-    batches_per_pass,
-    example_length,
-    make_batch,
-)
 from bert_demo.config import TrainConfig
-from bert_demo.data import find_data_dir, load_split, require_rows
-from bert_demo.dev_predictions import DEV_PREDICTIONS, write_dev_predictions
-from bert_demo.distributed import Ranks, rank_seed
-from bert_demo.evaluate import TaskPredictions, evaluate_with_predictions
-from bert_demo.mnrl import MNRL_TASK, multiple_negatives_ranking_loss
+from bert_demo.evaluation.evaluate import TaskPredictions, evaluate_with_predictions
 from bert_demo.model import load_pretrained, resolve_model_path
-from bert_demo.model_files import ENCODER_FILES_DIR, copy_model_files, encoder_files
-from bert_demo.multitask import MultitaskBert
-from bert_demo.optim import make_optimizer, make_schedule, wrap_aggregator, wrap_pcgrad
-from bert_demo.regularization import SmartTerms
-from bert_demo.run_dir import (
+from bert_demo.model.multitask import MultitaskBert
+from bert_demo.model.tokenizer import WordPieceTokenizer
+from bert_demo.run_folder import run_dir
+from bert_demo.run_folder.dev_predictions import DEV_PREDICTIONS, write_dev_predictions
+from bert_demo.run_folder.encoder_files import ENCODER_FILES_DIR, copy_model_files, encoder_files
+from bert_demo.run_folder.run_dir import (
     CHECKPOINT,
     CONFIG,
     FINAL,
@@ -69,12 +58,29 @@ from bert_demo.run_dir import (
     save_torch,
     write_json,
 )
-from bert_demo.speed import autocast, resolve_adamw_impl, resolve_precision
+from bert_demo.run_folder.weights import (
+    BEST_WEIGHTS,
+    LAST_WEIGHTS,
+    BestWeights,
+    WeightsInfo,
+    save_weights,
+)
 from bert_demo.tasks import get_task, model_tasks
-from bert_demo.tensorboard_log import TensorBoardLog
-from bert_demo.tensorboard_log import check_available as check_tensorboard
-from bert_demo.tokenizer import WordPieceTokenizer
-from bert_demo.weights import BEST_WEIGHTS, LAST_WEIGHTS, BestWeights, WeightsInfo, save_weights
+from bert_demo.tasks.batching import (
+    Example,
+    batch_indices,
+    batches_per_pass,
+    example_length,
+    make_batch,
+)
+from bert_demo.tasks.data import find_data_dir, load_split, require_rows
+from bert_demo.training.distributed import Ranks, rank_seed
+from bert_demo.training.mnrl import MNRL_TASK, multiple_negatives_ranking_loss
+from bert_demo.training.optim import make_optimizer, make_schedule, wrap_aggregator, wrap_pcgrad
+from bert_demo.training.regularization import SmartTerms
+from bert_demo.training.speed import autocast, resolve_adamw_impl, resolve_precision
+from bert_demo.training.tensorboard_log import TensorBoardLog
+from bert_demo.training.tensorboard_log import check_available as check_tensorboard
 
 __all__ = ["Trainer", "build_model", "pcgrad_summary", "steps_per_epoch", "total_steps", "train"]
 
@@ -265,7 +271,7 @@ class Trainer:
                 (self.out / name).unlink(missing_ok=True)
             save_config(self.config, saved_config)
         if not resume or encoder_files(self.out) is None:
-            # The tokenizer files travel with the run (see bert_demo.model_files); a new
+            # The tokenizer files travel with the run (see bert_demo.run_folder.encoder_files); a new
             # run in a used folder replaces those of the earlier model.
             if not resume:
                 shutil.rmtree(self.out / ENCODER_FILES_DIR, ignore_errors=True)

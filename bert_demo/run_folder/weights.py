@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bert_demo.run_dir import atomic_write
+from bert_demo.run_folder.run_dir import atomic_write
 
 LAST_WEIGHTS = "model.safetensors"
 BEST_WEIGHTS = "best.safetensors"

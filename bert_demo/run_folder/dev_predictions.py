@@ -4,7 +4,7 @@
 Quora 0/1, STS score to 4 decimals), gzip'd without a timestamp so that the same
 predictions give the same bytes. About 4,000 rows, ~60 KB: small enough to commit
 with an ablation, and what the bootstrap over dev examples in
-:mod:`bert_demo.ablation_stats` resamples.
+:mod:`bert_demo.ablation.stats` resamples.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bert_demo.run_dir import atomic_write
+from bert_demo.run_folder.run_dir import atomic_write
 
 if TYPE_CHECKING:  # evaluate needs the demo extra (tqdm); ablate's table does not
-    from bert_demo.evaluate import TaskPredictions
+    from bert_demo.evaluation.evaluate import TaskPredictions
 
 DEV_PREDICTIONS = "dev_predictions.csv.gz"
 COLUMNS = ["task", "id", "prediction", "gold"]

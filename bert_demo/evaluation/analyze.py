@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
-from bert_demo.data import (
+from bert_demo.evaluation.evaluate import TaskPredictions, predict_task
+from bert_demo.run_folder.run_dir import load_trained, resolve_device, run_folder
+from bert_demo.tasks import get_task
+from bert_demo.tasks.data import (
     Example,
     PairExample,
     SentenceExample,
@@ -26,10 +29,7 @@ from bert_demo.data import (
     load_split,
     require_rows,
 )
-from bert_demo.evaluate import TaskPredictions, predict_task
-from bert_demo.run_dir import load_trained, resolve_device, run_folder
-from bert_demo.speed import run_autocast
-from bert_demo.tasks import get_task
+from bert_demo.training.speed import run_autocast
 
 # What the largest errors are measured by, per kind of task.
 ERROR_MEASURE = {"classes": "confidence", "binary": "|p - label|", "score": "|score - gold|"}
@@ -117,7 +117,7 @@ def analyze(
 ) -> Path:
     """Write sst_confusion.png and errors.md for a run; returns the markdown path.
 
-    ``precision``: see :func:`bert_demo.speed.run_autocast` (None: the run's own).
+    ``precision``: see :func:`bert_demo.training.speed.run_autocast` (None: the run's own).
     """
     if top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")

@@ -22,17 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bert_demo.ablation_conclusions import conclusions
-from bert_demo.ablation_stats import Comparison, Run, compare
+from bert_demo.ablation.conclusions import conclusions
+from bert_demo.ablation.stats import Comparison, Run, compare
 from bert_demo.config import TrainConfig
-from bert_demo.dev_predictions import DEV_PREDICTIONS, read_dev_predictions
-from bert_demo.run_dir import CHECKPOINT, FINAL, resolve_device
-from bert_demo.speed import resolve_precision, threads_for_jobs
+from bert_demo.run_folder.dev_predictions import DEV_PREDICTIONS, read_dev_predictions
+from bert_demo.run_folder.run_dir import CHECKPOINT, FINAL, resolve_device
 from bert_demo.tasks import PAPER_TASKS, TASKS
+from bert_demo.training.speed import resolve_precision, threads_for_jobs
 
 
 class TrainFunction(Protocol):
-    """:func:`bert_demo.train.train` (the CLI passes it in; tests pass a stand-in)."""
+    """:func:`bert_demo.training.train.train` (the CLI passes it in; tests pass a stand-in)."""
 
     def __call__(self, config: TrainConfig, out_dir: Path, *, resume: bool,
                  device: str | None, progress: bool) -> Any: ...
@@ -63,7 +63,7 @@ PAPER_ROWS: tuple[Row, ...] = (
     Row("PCGrad + stsAug", "pcgrad-stsaug", {"pcgrad": True, "sts_aug": True}),
     Row("SMART + PCGrad + stsAug", "all", {"smart": True, "pcgrad": True, "sts_aug": True}),
 )
-# Beyond the paper: its future work, MNRL (see bert_demo.mnrl) on top of its best
+# Beyond the paper: its future work, MNRL (see bert_demo.training.mnrl) on top of its best
 # combination, and another gradient aggregator in PCGrad's place.
 MNRL_ROW_WEIGHT = 0.5  # not tuned: MNRL starts near log(batch) ~ 2.8, BCE near 0.7
 ROW_AGGREGATOR = "upgrad"  # gradtools.aggregation's UPGrad (Quinton & Rey 2024)
@@ -175,7 +175,7 @@ def run_ablation(
 
     ``jobs > 1`` trains that many runs at once in spawned processes with
     ``threads // jobs`` torch threads each (``train`` must then be importable, like
-    bert_demo.train.train). Raises :class:`AblationFailed` after writing the table
+    bert_demo.training.train.train). Raises :class:`AblationFailed` after writing the table
     of the finished runs when some run failed.
     """
     if seeds < 1:

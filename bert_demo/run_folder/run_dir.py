@@ -3,9 +3,9 @@
     config.json      the TrainConfig (``--resume`` reads it back)
     checkpoint.pt    model, optimizer (PCGrad included), schedule, teacher, RNG, step;
                      deleted when the run finishes (unless --keep-checkpoint)
-    best.safetensors the weights of the best dev evaluation (see bert_demo.weights)
+    best.safetensors the weights of the best dev evaluation (see bert_demo.run_folder.weights)
     model.safetensors the weights after the last step, written when the run finishes
-    encoder/         the model's tokenizer files and config.json (see bert_demo.model_files)
+    encoder/         the model's tokenizer files and config.json (see bert_demo.run_folder.encoder_files)
     metrics.jsonl    one JSON line per logged window of steps and per dev evaluation
     final.json       dev metrics, the best evaluation and wall time once the run has finished
 
@@ -29,11 +29,11 @@ import torch
 from bert_demo.config import TrainConfig
 from bert_demo.json_file import read_json_object
 from bert_demo.model import BertConfig, BertModel, resolve_model_path
-from bert_demo.multitask import MultitaskBert
+from bert_demo.model.multitask import MultitaskBert
 from bert_demo.tasks import model_tasks
 
 if TYPE_CHECKING:  # the tokenizers package is the demo extra's: imported when a run loads
-    from bert_demo.tokenizer import WordPieceTokenizer
+    from bert_demo.model.tokenizer import WordPieceTokenizer
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -158,7 +158,7 @@ def _weights_file(path: Path, weights: str) -> Path:
     """The file to read: ``path`` itself, or in a run folder the best/last weights."""
     if path.is_file():
         return path
-    from bert_demo.weights import BEST_WEIGHTS, LAST_WEIGHTS, WEIGHT_CHOICES
+    from bert_demo.run_folder.weights import BEST_WEIGHTS, LAST_WEIGHTS, WEIGHT_CHOICES
 
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"--weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
@@ -176,7 +176,7 @@ def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
     """best/model.safetensors; a truncated or foreign file gets an error naming it."""
     from safetensors import SafetensorError
 
-    from bert_demo.weights import read_weights
+    from bert_demo.run_folder.weights import read_weights
 
     try:
         return read_weights(path)
@@ -195,7 +195,7 @@ def load_run(
     The tokenizer comes from the run's own ``encoder/`` copy when it has one, so the
     run works without the model it was trained from.
     """
-    from bert_demo.model_files import encoder_files
+    from bert_demo.run_folder.encoder_files import encoder_files
 
     path = Path(run)
     weights_file = _weights_file(path, weights)
@@ -218,7 +218,7 @@ def load_run(
             f"{weights_file}: does not describe a model this bert_demo can rebuild "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
-    from bert_demo.tokenizer import WordPieceTokenizer
+    from bert_demo.model.tokenizer import WordPieceTokenizer
 
     model.to(device).eval()
     own_files = encoder_files(weights_file.parent)
