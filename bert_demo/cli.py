@@ -312,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from bert_demo.ablation.ablate import AblationFailed
     from bert_demo.run_folder.run_dir import RunDirError
+    from bert_demo.run_folder.safe_write import DiskFull
     from bert_demo.training.optim import FeatureUnavailable
 
     if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -322,9 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except (TrainingDiverged, AblationFailed) as e:
+    except (TrainingDiverged, AblationFailed, DiskFull) as e:
         # Not a usage error: the settings were valid but a run failed (for ablate, the
-        # other runs finished and their table was written).
+        # other runs finished and their table was written), or the disk filled up (the
+        # file being written was left as it was).
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, FeatureUnavailable, RunDirError) as e:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from bert_demo.model.multitask import MultitaskBert
 from bert_demo.model.tokenizer import WordPieceTokenizer
-from bert_demo.run_folder.run_dir import atomic_write
+from bert_demo.run_folder.safe_write import atomic_write
 from bert_demo.tasks import get_task, overall
 from bert_demo.tasks.batching import Example, eval_batches
 from bert_demo.tasks.metrics import accuracy, overall_score, pearson

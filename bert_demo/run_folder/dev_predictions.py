@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bert_demo.run_folder.run_dir import atomic_write
+from bert_demo.run_folder.safe_write import write_bytes
 
 if TYPE_CHECKING:  # evaluate needs the demo extra (tqdm); ablate's table does not
     from bert_demo.evaluation.evaluate import TaskPredictions
@@ -44,6 +44,11 @@ def write_dev_predictions(
     path: str | os.PathLike[str], results: Mapping[str, TaskPredictions]
 ) -> Path:
     """Write every labeled task's predictions atomically (unlabeled tasks are skipped)."""
+    return write_bytes(path, dev_predictions_bytes(results))
+
+
+def dev_predictions_bytes(results: Mapping[str, TaskPredictions]) -> bytes:
+    """The gzip'd CSV of :func:`write_dev_predictions` (the same predictions, the same bytes)."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(COLUMNS)
@@ -53,10 +58,7 @@ def write_dev_predictions(
         for example_id, predicted, gold in zip(result.ids, result.predicted, result.gold,
                                                strict=True):
             writer.writerow([task, example_id, _number(predicted), _number(gold)])
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(gzip.compress(text.getvalue().encode("utf-8"), mtime=0))
-    return path
+    return gzip.compress(text.getvalue().encode("utf-8"), mtime=0)
 
 
 def read_dev_predictions(path: str | os.PathLike[str]) -> dict[str, DevPredictions]:

@@ -15,11 +15,9 @@ so an interrupted write never leaves half a checkpoint behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,7 @@ from bert_demo.config import TrainConfig
 from bert_demo.json_file import read_json_object
 from bert_demo.model import BertConfig, BertModel, resolve_model_path
 from bert_demo.model.multitask import MultitaskBert
+from bert_demo.run_folder.safe_write import append_line, write_json
 from bert_demo.tasks import model_tasks
 
 if TYPE_CHECKING:  # the tokenizers package is the demo extra's: imported when a run loads
@@ -46,35 +45,8 @@ class RunDirError(RuntimeError):
     """The output folder does not fit what was asked (an existing run, nothing to resume)."""
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; once written, it replaces ``path`` in one rename.
-
-    If the block raises, the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | os.PathLike[str], value: Any) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    append_line(path, json.dumps(record, sort_keys=True) + "\n")
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> None:

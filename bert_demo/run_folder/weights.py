@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bert_demo.run_folder.run_dir import atomic_write
+from bert_demo.run_folder.safe_write import write_bytes
 
 LAST_WEIGHTS = "model.safetensors"
 BEST_WEIGHTS = "best.safetensors"
@@ -57,13 +57,15 @@ class WeightsInfo:
 
 def save_weights(model: nn.Module, path: str | os.PathLike[str], info: WeightsInfo) -> Path:
     """Write the model's state dict (on the CPU, contiguous) and ``info``, atomically."""
-    from safetensors.torch import save_file
+    return write_bytes(path, weights_bytes(model, info))
+
+
+def weights_bytes(model: nn.Module, info: WeightsInfo) -> bytes:
+    """The safetensors file of ``model``'s state dict (on the CPU, contiguous) and ``info``."""
+    from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp), metadata=info.to_metadata())
-    return path
+    return save(state, metadata=info.to_metadata())
 
 
 def read_info(path: str | os.PathLike[str]) -> WeightsInfo:

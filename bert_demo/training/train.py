@@ -49,15 +49,13 @@ from bert_demo.run_folder.run_dir import (
     METRICS,
     RunDirError,
     append_jsonl,
-    atomic_write,
     load_config,
     new_model,
     read_checkpoint,
     resolve_device,
     save_config,
-    save_torch,
-    write_json,
 )
+from bert_demo.run_folder.safe_write import save_torch, write_json, write_text
 from bert_demo.run_folder.weights import (
     BEST_WEIGHTS,
     LAST_WEIGHTS,
@@ -350,8 +348,7 @@ class Trainer:
             last = self.eval_step if record.get("event") == "eval" else self.step
             if record.get("step", 0) <= last:
                 kept.append(line)
-        with atomic_write(path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        write_text(path, "".join(line + "\n" for line in kept))
 
     def _reopen_finished_run(self) -> None:
         """A finished run (kept checkpoint) resumed with more steps is no longer finished:
