@@ -156,8 +156,8 @@ def resumed_config(saved: TrainConfig, args: argparse.Namespace) -> tuple[TrainC
 
     Returns the config and a line naming what changed.
     """
+    from bert_demo.run_folder.folder import RESUMABLE
     from bert_demo.run_folder.run_dir import RunDirError
-    from bert_demo.training.train import RESUMABLE
 
     if args.preset is not None:
         raise RunDirError("--resume continues with the run's saved settings; drop --preset")
@@ -311,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _fail(parser, f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     from bert_demo.ablation.ablate import AblationFailed
+    from bert_demo.run_folder.lock import RunLocked
     from bert_demo.run_folder.run_dir import RunDirError
     from bert_demo.run_folder.safe_write import DiskFull
     from bert_demo.training.optim import FeatureUnavailable
@@ -329,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # file being written was left as it was).
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, FeatureUnavailable, RunDirError) as e:
+    except (ValueError, FileNotFoundError, FeatureUnavailable, RunDirError, RunLocked) as e:
         _fail(parser, str(e))
     except OSError as e:  # a read-only folder, a file where a folder should be, ...
         where = e.filename if e.filename is not None else "a file"
@@ -376,8 +377,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from bert_demo.run_folder.lock import RunLock
+
+    run = Path(args.run)
+    if not run.is_dir():  # a weights file: nothing is written
+        return _evaluate(args, None)
+    # eval.json is written under the run's lock: a train writing the run meanwhile refuses
+    # to start, or makes this evaluate refuse.
+    with RunLock(run).acquire("evaluate"):
+        return _evaluate(args, run)
+
+
+def _evaluate(args: argparse.Namespace, run: Path | None) -> int:
     from bert_demo.evaluation.evaluate import evaluate
-    from bert_demo.run_folder.run_dir import load_run, resolve_device, write_json
+    from bert_demo.run_folder.run_dir import load_run, resolve_device
+    from bert_demo.run_folder.safe_write import write_json
     from bert_demo.tasks import get_task
     from bert_demo.tasks.data import find_data_dir, load_split, require_rows
     from bert_demo.training.speed import autocast, resolve_precision
@@ -394,8 +408,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate(model, dev, trained.tokenizer, config.max_length,
                            config.eval_batch_size, device, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
-    run = Path(args.run)
-    if run.is_dir():
+    if run is not None:
         # The metrics, and what they were measured on: which weights, which rows.
         write_json(run / "eval.json", {
             **metrics,
@@ -404,7 +417,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             "precision": precision,
             "examples": {t: len(dev[t]) for t in tasks},
             "data_files": {t: str(data_dir / get_task(t).file_name("dev")) for t in tasks},
-        })
+        }, run)
     return 0
 
 

@@ -148,23 +148,23 @@ def test_an_evaluation_cut_short_is_done_once_on_resume(tiny, tmp_path, monkeypa
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from bert_demo.run_folder.weights import BestWeights
+    from bert_demo.run_folder.folder import RunFolder
 
     run, config = tmp_path / "run", tiny_config(*tiny, epochs=2)
-    real_consider = BestWeights.consider
+    real_save_best = RunFolder.save_best
 
-    def crash_at_4(self: BestWeights, model: torch.nn.Module, info: Any) -> bool:
+    def crash_at_4(self: RunFolder, model: torch.nn.Module, info: Any, predictions: Any) -> None:
         if info.step == 4:
             raise RuntimeError("evaluation crashed")
-        return real_consider(self, model, info)
+        real_save_best(self, model, info, predictions)
 
-    monkeypatch.setattr(BestWeights, "consider", crash_at_4)
+    monkeypatch.setattr(RunFolder, "save_best", crash_at_4)
     with pytest.raises(RuntimeError, match="evaluation crashed"):
         train(config, run, progress=False, tensorboard=True)
     assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 4
     assert read_info(run / BEST_WEIGHTS).step == 2
     assert json.loads((run / METRICS).read_text().splitlines()[-1])["step"] == 4
-    monkeypatch.setattr(BestWeights, "consider", real_consider)
+    monkeypatch.setattr(RunFolder, "save_best", real_save_best)
     final = train(config, run, resume=True, progress=False, tensorboard=True)
     records = [json.loads(x) for x in (run / METRICS).read_text().splitlines()]
     assert [(r["event"], r["step"]) for r in records] == [

@@ -27,6 +27,7 @@ from rank_launcher import run_ranks
 import bert_demo.training.train as train_module
 from bert_demo.config import TrainConfig
 from bert_demo.run_folder.dev_predictions import DEV_PREDICTIONS
+from bert_demo.run_folder.folder import RunFolder
 from bert_demo.run_folder.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError
 from bert_demo.training.distributed import Ranks
 from bert_demo.training.train import Trainer
@@ -79,13 +80,13 @@ def _demo_worker(rank: int, world: int, root: str) -> None:
     model_dir, data_dir, out = Path(root) / "model", Path(root) / "data", Path(root) / "runs"
     ranks = Ranks(rank, world, rank, dist.group.WORLD)
     saves = []
-    original_save = train_module.save_torch
+    original_save = RunFolder.save_checkpoint
 
-    def counting_save(obj: Any, path: Path) -> None:
-        saves.append(path.parent.name)
-        original_save(obj, path)
+    def counting_save(self: RunFolder, state: dict[str, Any]) -> Path:
+        saves.append(self.path.name)
+        return original_save(self, state)
 
-    train_module.save_torch = counting_save  # type: ignore[assignment]
+    RunFolder.save_checkpoint = counting_save  # type: ignore[method-assign]
     drawn: list[tuple[str, list[str]]] = []  # (task, row ids) of each training batch
     original_make_batch = train_module.make_batch
 
@@ -250,7 +251,7 @@ def test_torchrun_runs_the_command_line(tiny: Path) -> None:
     assert done.stdout.count('"out"') == 1, done.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", CHECKPOINT, METRICS, FINAL, "best.safetensors", "model.safetensors",
-         "encoder", DEV_PREDICTIONS]
+         "encoder", DEV_PREDICTIONS, "best.json"]
     )
     records = [json.loads(x) for x in (out / METRICS).read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]

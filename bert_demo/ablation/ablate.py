@@ -25,8 +25,8 @@ from typing import Any, Protocol
 from bert_demo.ablation.conclusions import conclusions
 from bert_demo.ablation.stats import Comparison, Run, compare
 from bert_demo.config import TrainConfig
-from bert_demo.run_folder.dev_predictions import DEV_PREDICTIONS, read_dev_predictions
-from bert_demo.run_folder.run_dir import CHECKPOINT, FINAL, resolve_device
+from bert_demo.run_folder.folder import RunFolder, changed_settings
+from bert_demo.run_folder.run_dir import resolve_device
 from bert_demo.tasks import PAPER_TASKS, TASKS
 from bert_demo.training.speed import resolve_precision, threads_for_jobs
 
@@ -184,12 +184,14 @@ def run_ablation(
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     selected = select_rows(rows)
     out.mkdir(parents=True, exist_ok=True)
+    # Every run already there (finished, or to be resumed) must have this ablation's settings.
+    check_same_settings(base, out, selected, seeds)
     pending = [] if table_only else [
-        _Job(row, seed, out / row.slug / f"seed{seed}",
-             (out / row.slug / f"seed{seed}" / CHECKPOINT).is_file())
+        _Job(row, seed, run_folder(out, row, seed).path,
+             run_folder(out, row, seed).has_checkpoint())
         # Seed-major, so an ablation stopped part-way has every row at the first seeds.
         for seed in range(seeds) for row in selected
-        if not (out / row.slug / f"seed{seed}" / FINAL).is_file()
+        if not run_folder(out, row, seed).is_finished()
     ]
     if pending:
         check_one_precision(out, base.precision, device)
@@ -225,10 +227,44 @@ def run_ablation(
     return table
 
 
+def run_folder(out: Path, row: Row, seed: int) -> RunFolder:
+    return RunFolder(out / row.slug / f"seed{seed}")
+
+
+# Settings a run's own config may differ in from its row's: the free-form notes (the row's
+# name, which may have been reworded), and --precision as asked (auto, bf16, fp32), which
+# check_one_precision compares as it resolved (final.json's "precision").
+NOT_COMPARED = ("extra", "precision")
+
+
+def check_same_settings(base: TrainConfig, out: Path, rows: tuple[Row, ...], seeds: int) -> None:
+    """Refuse runs in ``out`` trained with other settings than ``base`` gives their row and
+    seed: averaging them into one cell, under a table that names ``base``'s settings,
+    would report numbers of settings nobody asked for."""
+    for seed in range(seeds):
+        for row in rows:
+            folder = run_folder(out, row, seed)
+            if not folder.holds_run():
+                continue
+            saved, expected = folder.saved_config(), row_config(base, row, seed)
+            changed = changed_settings(saved, expected, ignore=NOT_COMPARED)
+            if changed:
+                shown = ", ".join(f"{k} {_shown(getattr(expected, k))} (the run has "
+                                  f"{_shown(getattr(saved, k))})" for k in changed)
+                raise ValueError(
+                    f"--out {out}: {folder.path} was trained with other settings than this "
+                    f"ablation gives it: {shown}. Pass the settings it was trained with, or "
+                    "another --out")
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
 def finished_precisions(out: Path) -> set[str]:
     """The precisions the finished runs in ``out`` trained in (as their final.json says)."""
     found = set()
-    for path in out.glob(f"*/seed*/{FINAL}"):
+    for path in out.glob("*/seed*/final.json"):
         precision = json.loads(path.read_text()).get("precision")
         if precision is not None:
             found.add(precision)
@@ -278,13 +314,13 @@ def load_runs(out: Path, row: Row, seeds: int) -> list[tuple[Run, dict[str, Any]
     """The finished runs of ``row`` among seeds 0..seeds-1, with their final.json."""
     runs = []
     for seed in range(seeds):
-        folder = out / row.slug / f"seed{seed}"
-        if not (folder / FINAL).is_file():
+        folder = run_folder(out, row, seed)
+        if not folder.is_finished():
             continue
-        final = json.loads((folder / FINAL).read_text())
-        predictions = (read_dev_predictions(folder / DEV_PREDICTIONS)
-                       if (folder / DEV_PREDICTIONS).is_file() else None)
-        runs.append((Run(seed, dev_scores(final), predictions), final))
+        final = folder.final()
+        # A finished run without its weights (a committed ablation) is still finished: its
+        # predictions file is taken as its best weights'.
+        runs.append((Run(seed, dev_scores(final), folder.final_predictions()), final))
     return runs
 
 

@@ -132,7 +132,7 @@ def _read_rows(
         raise ValueError(f"empty_text must be 'error', 'skip' or 'keep', got {empty_text!r}")
     rows: list[tuple[str, list[str], float | None]] = []
     skipped: dict[str, list[int]] = {}  # reason -> lines
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM (Excel, Notepad) is no part of the header
         lines = _csv_rows(path, f)
         try:
             _, header = next(lines)
