@@ -475,3 +475,20 @@ def test_committed_results_regenerate_byte_identical_tables(folder, tmp_path,
     assert main([*argv, "--table-only"]) == 0
     assert (copy / "ablation.md").read_text() == table
     assert (copy / "ablation.json").read_bytes() == (source / "ablation.json").read_bytes()
+
+
+# ---------------------------------------------------------------- 6. predict's output names
+
+
+def test_predict_refuses_two_inputs_with_one_output_name(run, tiny, tmp_path, capsys) -> None:
+    first, second = tmp_path / "a" / "batch.csv", tmp_path / "b" / "batch.csv"
+    for path, rows in ((first, 3), (second, 5)):
+        path.parent.mkdir()
+        lines = (tiny[1] / "ids-sst-dev.csv").read_text().splitlines()
+        path.write_text("\n".join(lines[: rows + 1]) + "\n")
+    out = tmp_path / "out"
+    assert _exit_code(["predict", "--run", str(run), "--input", str(first), str(second),
+                       "--task", "sst", "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--input {first} and {second} would both write {out / 'batch-predictions.csv'}" in err
+    assert not out.exists() or not any(out.iterdir())

@@ -68,6 +68,9 @@ def predict_files(
             raise ValueError(f"{path}: no rows to predict (only a header)")
         inputs_read.append((job_task, path, examples))
     named = "--output " if output is not None else ""
+    targets = [Path(str(output)) if single_file else folder / f"{path.stem}-predictions.csv"
+               for _, path, _ in inputs_read]
+    _refuse_collisions(targets, [path for _, path, _ in inputs_read])
     # Make sure the predictions can be written before spending minutes on them.
     target_dir = Path(str(output)).parent if single_file else folder
     try:
@@ -78,16 +81,26 @@ def predict_files(
         raise ValueError(f"{named}{output or folder}: cannot write predictions there "
                          f"({e.strerror or e})") from None
     written = []
-    for job_task, path, examples in inputs_read:
+    for (job_task, _, examples), target in zip(inputs_read, targets, strict=True):
         with run_autocast(precision, config.precision, torch_device):
             result = predict_task(
                 model, job_task, examples, tokenizer, config.max_length,
                 config.eval_batch_size, torch_device, progress,
             )
-        target = Path(str(output)) if single_file else folder / f"{path.stem}-predictions.csv"
         try:
             written.append((write_predictions(target, result), len(result.ids)))
         except OSError as e:
             raise ValueError(f"{named}{target}: cannot write predictions there "
                              f"({e.strerror or e})") from None
     return written
+
+
+def _refuse_collisions(targets: list[Path], inputs: list[Path]) -> None:
+    """Two inputs whose predictions would go to one file (``a/batch.csv`` and
+    ``b/batch.csv``): the second would silently replace the first."""
+    seen: dict[Path, Path] = {}
+    for target, source in zip(targets, inputs, strict=True):
+        if target in seen:
+            raise ValueError(f"--input {seen[target]} and {source} would both write {target}; "
+                             "rename one, or predict them one at a time with --output FILE.csv")
+        seen[target] = source
