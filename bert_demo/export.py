@@ -27,7 +27,7 @@ from bert_demo.model.multitask import HeadSettings, MultitaskBert
 from bert_demo.model.tokenizer import WordPieceTokenizer
 from bert_demo.run_folder.encoder_files import encoder_files, known_files
 from bert_demo.run_folder.run_dir import load_run
-from bert_demo.run_folder.safe_write import umask, write_bytes, write_json
+from bert_demo.run_folder.safe_write import DiskFull, umask, write_bytes, write_json
 from bert_demo.tasks import get_task
 
 HEADS_WEIGHTS = "heads.safetensors"
@@ -112,8 +112,10 @@ def export_run(
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, DiskFull) and e.path.parent == tmp:
+            raise DiskFull(out / e.path.name) from None  # the name the user gave, not ours
         raise
     return out
 

@@ -207,7 +207,7 @@ def test_export_on_a_full_disk_names_the_file(run, full_disk, tmp_path, capsys) 
     assert _exit_code(["export", "--run", str(run), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no space left on device" in err
-    assert "model.safetensors" in err
+    assert f"{out / 'model.safetensors'}: no space left on device" in err
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["run"]
 
 

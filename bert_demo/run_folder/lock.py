@@ -61,8 +61,11 @@ class RunLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} ({what})\n".encode())
+        try:  # who holds it, for the refusal message; the lock itself needs no disk space
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} ({what})\n".encode())
+        except OSError:
+            pass
         self._fd = fd
         return self
 
