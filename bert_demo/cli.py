@@ -109,6 +109,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> 
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is tuple:
             kwargs.update(nargs="+", choices=choices)
+        elif spec.name == "aggregator":
+            kwargs.update(choices=(*(choices or ()), "none"), action=_AggregatorAction,
+                          metavar="NAME")
         elif choices is not None:
             kwargs["choices"] = choices
             if spec.name == "mode":  # old names are accepted and mean the new ones
@@ -118,6 +121,29 @@ def _add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> 
         else:
             kwargs.update(type=kind)
         parser.add_argument(_flag(spec), **kwargs)
+        if spec.name == "aggregator":
+            parser.add_argument("--pcgrad", nargs=0, action=_AggregatorAction, dest="aggregator",
+                                help="the paper's PCGrad: short for --aggregator pcgrad "
+                                "(default: off)")
+            parser.add_argument("--no-pcgrad", nargs=0, action=_AggregatorAction,
+                                dest="aggregator", help="short for --aggregator none "
+                                "(default: the preset's, none)")
+
+
+class _AggregatorAction(argparse.Action):
+    """--aggregator NAME, --pcgrad (NAME pcgrad), --no-pcgrad (none): one setting, given once."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        value = {"--pcgrad": "pcgrad", "--no-pcgrad": "none"}.get(option_string or "", values)
+        given = getattr(namespace, "_aggregator_flag", None)
+        aliases = ("--pcgrad", "--no-pcgrad")
+        if (given is not None and getattr(namespace, self.dest) != value
+                and not (given in aliases and option_string in aliases)):  # last one wins
+            parser.error(f"{option_string} and {given} both say how the task gradients are "
+                         "combined; give one")
+        namespace._aggregator_flag = option_string
+        setattr(namespace, self.dest, value)
 
 
 def _add_runtime_flags(parser: argparse.ArgumentParser, precision: bool = False) -> None:
@@ -144,6 +170,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     if "tasks" in overrides:
         overrides["tasks"] = tuple(overrides["tasks"])
+    if overrides.get("aggregator") == "none":
+        overrides["aggregator"] = None
     return overrides
 
 

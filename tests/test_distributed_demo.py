@@ -57,8 +57,8 @@ def tiny_settings(model_dir: Path, data_dir: Path, **overrides: Any) -> dict[str
 EXACT = {"encoder_dropout": 0.0, "head_dropout": 0.0, "max_steps": 3, "optimizer": "radam"}
 # The summed loss (gradients averaged after backward) and PCGrad (task gradients
 # averaged before the surgery).
-EXACT_RUNS = {"exact_sum": EXACT, "exact_pcgrad": {**EXACT, "pcgrad": True}}
-EVERYTHING = {"pcgrad": True, "smart": True, "sts_aug": True}
+EXACT_RUNS = {"exact_sum": EXACT, "exact_pcgrad": {**EXACT, "aggregator": "pcgrad"}}
+EVERYTHING = {"aggregator": "pcgrad", "smart": True, "sts_aug": True}
 STOP_AT = 3  # mid-epoch, after the epoch-end checkpoint at step 2
 
 

@@ -492,3 +492,46 @@ def test_predict_refuses_two_inputs_with_one_output_name(run, tiny, tmp_path, ca
     err = capsys.readouterr().err
     assert f"--input {first} and {second} would both write {out / 'batch-predictions.csv'}" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+# ---------------------------------------------------------------- --aggregator, one setting
+
+
+def test_aggregator_is_one_setting_with_pcgrad_as_an_alias(tiny, tmp_path, capsys) -> None:
+    from bert_demo.cli import build_parser, config_from_args
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["train", "--pcgrad"])).aggregator == "pcgrad"
+    assert config_from_args(parse(["train", "--aggregator", "pcgrad"])).aggregator == "pcgrad"
+    assert config_from_args(parse(["train", "--pcgrad", "--no-pcgrad"])).aggregator is None
+    assert config_from_args(parse(["train", "--aggregator", "none"])).aggregator is None
+    assert _exit_code(["train", "--pcgrad", "--aggregator", "upgrad"]) == 2
+    assert "both say how the task gradients are combined" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--pcgrad"], ["--aggregator", "upgrad"]])
+def test_aggregator_metrics_do_not_depend_on_it_and_log_each_tasks_weight(
+        tiny, tmp_path, flags) -> None:
+    run = tmp_path / "run"
+    assert main(["train", *tiny_args(tiny, run), *flags, "--log-every", "1"]) == 0
+    train = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["event"] == "train"]
+    for record in train:
+        assert not [k for k in record if k.startswith("pcgrad")], record
+        assert {"conflicts", "cos_sst_para", "cos_sst_sts", "cos_para_sts"} <= set(record)
+        weights = [record[f"weight_{t}"] for t in ("sst", "para", "sts")]
+        assert all(w > 0 for w in weights), record
+
+
+def test_a_run_saved_with_pcgrad_true_is_the_same_run(tiny, run, capsys) -> None:
+    """config.json of earlier versions said `pcgrad: true` (and `aggregator: null`): such
+    a run resumes, and compares equal to the same settings given as --aggregator pcgrad."""
+    from bert_demo.config import TrainConfig
+
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["aggregator"] is None
+    old = {**saved, "pcgrad": True}
+    assert TrainConfig.from_dict(old) == TrainConfig.from_dict({**saved, "aggregator": "pcgrad"})
+    assert TrainConfig.from_dict({**saved, "pcgrad": False}) == TrainConfig.from_dict(saved)
+    (run / "config.json").write_text(json.dumps({**saved, "pcgrad": False}))
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0

@@ -114,7 +114,7 @@ def test_adamw_impl_reaches_the_optimizer(tiny, tmp_path, impl: str) -> None:
 
 
 def test_bf16_autocasts_the_forward_and_keeps_weights_and_state_fp32(tiny, tmp_path) -> None:
-    config = tiny_config(tiny, precision="bf16", smart=True, pcgrad=True, sts_aug=True,
+    config = tiny_config(tiny, precision="bf16", smart=True, aggregator="pcgrad", sts_aug=True,
                          mnrl_weight=0.5)
     trainer = Trainer(config, tmp_path / "bf16", progress=False)
     seen: list[torch.dtype] = []

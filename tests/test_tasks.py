@@ -63,7 +63,7 @@ def test_cfimdb_trains_from_its_table_record_alone(tmp_path: Path) -> None:
     shutil.copy(data_dir / "ids-cfimdb-train.csv", data_dir / "ids-cfimdb-dev.csv")
     config = TrainConfig(model=str(model_dir), data=str(data_dir), tasks=("sst", "cfimdb"),
                          batch_sst=3, batch_cfimdb=4, max_length=16, epochs=1,
-                         steps_per_epoch=2, eval_batch_size=4, pcgrad=True, smart=True)
+                         steps_per_epoch=2, eval_batch_size=4, aggregator="pcgrad", smart=True)
     trainer = Trainer(config, tmp_path / "run", progress=False)
     head = trainer.model.heads["cfimdb"]
     before = [p.detach().clone() for p in head.parameters()]

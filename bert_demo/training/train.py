@@ -61,7 +61,7 @@ from bert_demo.training.speed import autocast, resolve_adamw_impl, resolve_preci
 from bert_demo.training.tensorboard_log import TensorBoardLog
 from bert_demo.training.tensorboard_log import check_available as check_tensorboard
 
-__all__ = ["RESUMABLE", "Trainer", "build_model", "pcgrad_summary", "steps_per_epoch", "total_steps", "train"]
+__all__ = ["RESUMABLE", "Trainer", "aggregator_summary", "build_model", "steps_per_epoch", "total_steps", "train"]
 
 
 def build_model(config: TrainConfig) -> MultitaskBert:
@@ -188,7 +188,9 @@ class Trainer:
         if config.mode == "frozen":
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
-        self.pcgrad_generator = torch.Generator().manual_seed(config.seed)
+        # The one generator of the aggregator's random draws (PCGrad's visiting orders);
+        # its state travels in the optimizer's state dict.
+        self.aggregator_generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = self._make_optimizer()
         self.schedule = make_schedule(self.optimizer, config.schedule, self.total, config.warmup)
         self.smart = SmartTerms(config, self.model, self.total) if config.smart else None
@@ -253,12 +255,13 @@ class Trainer:
             groups.insert(0, {"params": list(self.model.encoder.parameters()), "lr": config.lr})
         optimizer = make_optimizer(config.optimizer, groups, config.weight_decay,
                                    self.adamw_impl or "for-loop")
-        if config.pcgrad:
-            # With several processes PCGrad averages each task's gradient over them
-            # before the surgery, which then runs on the global task gradients.
-            optimizer = wrap_pcgrad(optimizer, self.pcgrad_generator, self.ranks.group)
+        # With several processes each task's gradient is averaged over them before the
+        # aggregator combines the global task gradients.
+        if config.aggregator == "pcgrad":
+            # gradtools.PCGrad, as runs before --aggregator trained (their checkpoints resume).
+            optimizer = wrap_pcgrad(optimizer, self.aggregator_generator, self.ranks.group)
         elif config.aggregator is not None:
-            optimizer = wrap_aggregator(optimizer, config.aggregator, self.pcgrad_generator,
+            optimizer = wrap_aggregator(optimizer, config.aggregator, self.aggregator_generator,
                                         self.ranks.group)
         return optimizer
 
@@ -430,7 +433,7 @@ class Trainer:
             ) from None
         self.schedule.step()
         if config.combines_task_gradients:
-            stats.update(pcgrad_summary(self.optimizer, config.tasks))
+            stats.update(aggregator_summary(self.optimizer, config.tasks))
         if self.smart is not None:
             self.smart.after_step(model)
         self.step += 1
@@ -608,15 +611,20 @@ class Trainer:
         return record
 
 
-def pcgrad_summary(optimizer: Any, tasks: tuple[str, ...]) -> dict[str, float]:
-    """Per-step numbers from PCGrad's stats: conflicting pairs and each pair's cosine."""
+def aggregator_summary(optimizer: Any, tasks: tuple[str, ...]) -> dict[str, float]:
+    """Per-step numbers of the aggregator's statistics, under names that do not depend on
+    which aggregator ran: conflicting task pairs, each pair's cosine, and each task's weight
+    (averaged over blocks when the aggregator weighs blocks of parameters apart)."""
     stats = getattr(optimizer, "stats", None)
     if stats is None:
         return {}
-    summary = {"pcgrad_conflicts": float(stats.conflicts.sum().item()) / 2}
+    summary = {"conflicts": float(stats.conflicts.sum().item()) / 2}
     for i, a in enumerate(tasks):
         for j in range(i + 1, len(tasks)):
-            summary[f"pcgrad_cos_{a}_{tasks[j]}"] = float(stats.cosine[i, j])
+            summary[f"cos_{a}_{tasks[j]}"] = float(stats.cosine[i, j])
+    weights = stats.weights.reshape(-1, len(tasks)).double().mean(0)
+    for task, weight in zip(tasks, weights.tolist(), strict=True):
+        summary[f"weight_{task}"] = weight
     return summary
 
 
