@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import Field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +40,9 @@ from bert_demo.config import (
 from bert_demo.run_folder.weights import WEIGHT_CHOICES
 from bert_demo.tasks import TASKS
 from bert_demo.training.speed import PRECISIONS
+
+if TYPE_CHECKING:
+    from bert_demo.run_folder.folder import RunFolder
 
 DEFAULT_PRESET = "quick"
 # The TrainConfig fields that are flags (all but the free-form notes).
@@ -184,14 +187,15 @@ def resumed_config(saved: TrainConfig, args: argparse.Namespace) -> tuple[TrainC
 
     Returns the config and a line naming what changed.
     """
-    from bert_demo.run_folder.folder import RESUMABLE
+    from bert_demo.run_folder.folder import RESUMABLE, refused_on_resume
     from bert_demo.run_folder.run_dir import RunDirError
 
     if args.preset is not None:
         raise RunDirError("--resume continues with the run's saved settings; drop --preset")
     given = config_overrides(args)
     changed = {k: v for k, v in given.items() if getattr(saved, k) != v}
-    refused = [k for k in changed if k not in RESUMABLE]
+    # RunFolder's rule; here with the values, as the flags were typed.
+    refused = refused_on_resume(saved, saved.with_overrides(**changed)) if changed else []
     if refused:
         shown = ", ".join(f"--{k.replace('_', '-')} {_shown(changed[k])} (the run has "
                           f"{_shown(getattr(saved, k))})" for k in refused)
@@ -367,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from bert_demo.run_folder.run_dir import CONFIG, RunDirError, load_config
+    from bert_demo.run_folder.folder import RunFolder
+    from bert_demo.run_folder.run_dir import RunDirError
     from bert_demo.training.distributed import from_env
     from bert_demo.training.train import train
 
@@ -378,11 +383,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.resume:
 
             def saved_config() -> TrainConfig:
-                if not (out / CONFIG).is_file():
-                    raise RunDirError(
-                        f"--resume: {out} holds no run to resume ({CONFIG} is missing)"
-                    )
-                return load_config(out / CONFIG)
+                saved = RunFolder(out).saved_config_if_any()
+                if saved is None:
+                    raise RunDirError(f"--resume: {out} holds no run to resume (its settings, "
+                                      "config.json, are missing)")
+                return saved
 
             # rank 0's disk is the one that counts
             config, how = resumed_config(ranks.on_main(saved_config), args)
@@ -405,21 +410,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from bert_demo.run_folder.lock import RunLock
+    from bert_demo.run_folder.folder import RunFolder
 
-    run = Path(args.run)
-    if not run.is_dir():  # a weights file: nothing is written
+    if not Path(args.run).is_dir():  # a weights file: nothing is written
         return _evaluate(args, None)
-    # eval.json is written under the run's lock: a train writing the run meanwhile refuses
+    # The result is written under the run's lock: a train writing the run meanwhile refuses
     # to start, or makes this evaluate refuse.
-    with RunLock(run).acquire("evaluate"):
-        return _evaluate(args, run)
+    folder = RunFolder(args.run).acquire("evaluate")
+    try:
+        return _evaluate(args, folder)
+    finally:
+        folder.release()
 
 
-def _evaluate(args: argparse.Namespace, run: Path | None) -> int:
+def _evaluate(args: argparse.Namespace, folder: RunFolder | None) -> int:
     from bert_demo.evaluation.evaluate import evaluate
     from bert_demo.run_folder.run_dir import load_run, resolve_device
-    from bert_demo.run_folder.safe_write import write_json
     from bert_demo.tasks import get_task
     from bert_demo.tasks.data import find_data_dir, load_split, require_rows
     from bert_demo.training.speed import autocast, resolve_precision
@@ -436,16 +442,16 @@ def _evaluate(args: argparse.Namespace, run: Path | None) -> int:
         metrics = evaluate(model, dev, trained.tokenizer, config.max_length,
                            config.eval_batch_size, device, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
-    if run is not None:
+    if folder is not None:
         # The metrics, and what they were measured on: which weights, which rows.
-        write_json(run / "eval.json", {
+        folder.save_evaluation({
             **metrics,
             "step": trained.step,
             "weights": trained.weights_file.name,
             "precision": precision,
             "examples": {t: len(dev[t]) for t in tasks},
             "data_files": {t: str(data_dir / get_task(t).file_name("dev")) for t in tasks},
-        }, run)
+        })
     return 0
 
 

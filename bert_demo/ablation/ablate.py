@@ -266,10 +266,12 @@ def _shown(value: Any) -> str:
 def finished_precisions(out: Path) -> set[str]:
     """The precisions the finished runs in ``out`` trained in (as their final.json says)."""
     found = set()
-    for path in out.glob("*/seed*/final.json"):
-        precision = json.loads(path.read_text()).get("precision")
-        if precision is not None:
-            found.add(precision)
+    for folder in sorted(out.glob("*/seed*")):
+        run = RunFolder(folder)
+        if run.is_finished():
+            precision = run.final().get("precision")
+            if precision is not None:
+                found.add(precision)
     return found
 
 

@@ -10,6 +10,7 @@
     encoder/               the model's tokenizer files and config.json (run_folder.encoder_files)
     metrics.jsonl          one JSON line per logged window of steps and per dev evaluation
     final.json             dev metrics, the best evaluation and wall time once finished
+    eval.json              the latest ``evaluate`` of the run
     .lock                  held (flock) while a process writes the run
 
 What it decides, each in one place: a new run goes into a new or empty folder, or one
@@ -73,12 +74,13 @@ if TYPE_CHECKING:
     from bert_demo.evaluation.evaluate import TaskPredictions
 
 BEST_UNIT = "best.json"
+EVALUATION = "eval.json"
 # Settings a resumed run may change: they only move where the run ends.
 RESUMABLE = ("epochs", "max_steps")
 # What a run folder may hold besides its own files (so that a folder holding only these
 # is still seen as a run, and one with anything else as a folder of other files).
 _RUN_FILES = (CONFIG, CHECKPOINT, METRICS, FINAL, BEST_WEIGHTS, LAST_WEIGHTS, DEV_PREDICTIONS,
-              BEST_UNIT, ENCODER_FILES_DIR, LOCK, "eval.json", "predictions", "analysis",
+              BEST_UNIT, ENCODER_FILES_DIR, LOCK, EVALUATION, "predictions", "analysis",
               "tensorboard")
 
 
@@ -148,6 +150,10 @@ class RunFolder:
 
     def saved_config(self) -> TrainConfig:
         return load_config(self.file(CONFIG))
+
+    def saved_config_if_any(self) -> TrainConfig | None:
+        """The run's settings; None without config.json (a broken one is an error naming it)."""
+        return self.saved_config() if (self.path / CONFIG).is_file() else None
 
     def final(self) -> dict[str, Any]:
         final: dict[str, Any] = json.loads(self.file(FINAL).read_text(encoding="utf-8"))
@@ -259,6 +265,10 @@ class RunFolder:
         weights = final.get("weights") or {}
         if "checkpoint" in weights and weights["checkpoint"] is None:
             self.file(CHECKPOINT).unlink(missing_ok=True)
+
+    def save_evaluation(self, record: dict[str, Any]) -> None:
+        """eval.json: ``evaluate``'s metrics and what they were measured on."""
+        write_json(self.file(EVALUATION), record, self.path)
 
     # ------------------------------------------------------------------ checkpoint
 

@@ -1,21 +1,41 @@
 """One writer per run folder: an exclusive lock held while a process writes the run.
 
-The lock is ``fcntl.flock`` on ``RUN/.lock``, which also holds the holder's pid and host
-for the refusal message. The kernel drops a flock when its process ends, however it ends,
-so a lock left behind by a killed process (kill -9, a lost machine) never blocks: the
-file stays, the lock does not, and the next run takes it over.
+The lock is ``fcntl.flock`` on ``RUN/.lock`` (``msvcrt.locking`` on Windows), which also
+holds the holder's pid and host for the refusal message. The operating system drops the
+lock when its process ends, however it ends, so a lock left behind by a killed process
+(kill -9) never blocks: the file stays, the lock does not, and the next run takes it over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import fcntl
 import os
 import socket
+import sys
 from pathlib import Path
 from types import TracebackType
 
 LOCK = ".lock"
+
+
+def _try_lock(fd: int) -> bool:
+    """Lock ``fd`` exclusively without waiting; False when another process holds it."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 class RunLocked(RuntimeError):
@@ -44,9 +64,7 @@ class RunLock:
                 if e.errno == errno.ELOOP:
                     raise RunLocked(f"{self.path} is a symbolic link; remove it") from None
                 raise
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _try_lock(fd):
                 holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
                 os.close(fd)
                 raise RunLocked(
@@ -73,7 +91,12 @@ class RunLock:
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        try:
+        if sys.platform == "win32":  # an open file cannot be removed there; a stale one is fine
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
+            return
+        try:  # removed while still locked, so no other process can lock this file meanwhile
             self.path.unlink(missing_ok=True)
         finally:
             os.close(fd)  # closing drops the flock
