@@ -66,6 +66,7 @@ from bert_demo.run_folder.weights import (
     LAST_WEIGHTS,
     WeightsInfo,
     read_info,
+    read_weights,
     selection_score,
     weights_bytes,
 )
@@ -223,6 +224,9 @@ class RunFolder:
             copy_model_files(model_folder, self.path, source)
 
     def save_config(self, config: TrainConfig) -> None:
+        """config.json (on resume only when --epochs/--max-steps changed it)."""
+        if self.holds_run() and self.saved_config() == config:
+            return
         write_json(self.file(CONFIG), config.to_dict(), self.path)
 
     def reopen(self) -> None:
@@ -272,11 +276,25 @@ class RunFolder:
 
     # ------------------------------------------------------------------ checkpoint
 
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
     def save_checkpoint(self, state: dict[str, Any]) -> Path:
+        """checkpoint.pt: the Trainer's state, with every process's RNG (see capture_rng)."""
         return save_torch(state, self.file(CHECKPOINT), self.path)
 
-    def read_checkpoint(self) -> dict[str, Any]:
-        return read_checkpoint(self.file(CHECKPOINT))
+    def read_checkpoint(self, world_size: int = 1) -> dict[str, Any]:
+        """checkpoint.pt, refused when written by another number of processes."""
+        path = self.file(CHECKPOINT)
+        state = read_checkpoint(path)
+        saved_world = state.get("world_size", 1)
+        if saved_world != world_size:
+            raise RunDirError(
+                f"--resume: {path} was written by {saved_world} process(es) and this run has "
+                f"{world_size}; the batches depend on it, so resume with "
+                f"torchrun --nproc_per_node {saved_world} (or without torchrun for 1)")
+        return state
 
     # ------------------------------------------------------------------ metrics
 
@@ -315,6 +333,9 @@ class RunFolder:
     def best_info(self) -> WeightsInfo | None:
         path = self.file(BEST_WEIGHTS)
         return read_info(path) if path.is_file() else None
+
+    def best_weights(self) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
+        return read_weights(self.file(BEST_WEIGHTS))
 
     def best_unit(self) -> BestUnit | None:
         path = self.file(BEST_UNIT)

@@ -3,13 +3,16 @@
 Each step draws one batch per task (the order is a pure function of seed and step,
 see :mod:`bert_demo.tasks.batching`), computes each task's loss (plus SMART's adversarial
 and Bregman terms with ``smart``), and either sums the losses or hands them to
-PCGrad, which removes conflicting components before the optimizer step.
+the aggregator (``--aggregator``; PCGrad removes conflicting components), which combines
+the task gradients before the optimizer step.
 
-A run lives in one folder (see :mod:`bert_demo.run_folder.run_dir`). Checkpoints are written atomically at every epoch end, when training finishes and
-on Ctrl-C (the step in flight completes first; a second Ctrl-C aborts at once).
-Every evaluation that beats the best dev overall score so far saves the weights
-(best.safetensors); a finished run keeps model-only weights (model.safetensors) and
-deletes its optimizer checkpoint unless asked to keep it.
+A run lives in one folder, which :class:`bert_demo.run_folder.folder.RunFolder` owns (what
+is written there, when, and what may change on resume); the Trainer sets up, steps and
+loops. Checkpoints are saved at every epoch end, when training finishes and on Ctrl-C
+(the step in flight completes first; a second Ctrl-C aborts at once). Every evaluation
+that beats the best dev score so far saves the weights with their dev predictions; a
+finished run keeps model-only weights and deletes its optimizer checkpoint unless asked
+to keep it.
 
 Under torchrun every process runs this loop on its share of each batch; see
 :mod:`bert_demo.training.distributed` for what is averaged and what only rank 0 does.
@@ -43,7 +46,7 @@ from bert_demo.run_folder import run_dir
 from bert_demo.run_folder.folder import RESUMABLE, RunFolder, capture_rng, restore_rng
 from bert_demo.run_folder.run_dir import CHECKPOINT, RunDirError, new_model, resolve_device
 from bert_demo.run_folder.safe_write import DiskFull
-from bert_demo.run_folder.weights import BEST_WEIGHTS, WeightsInfo, read_weights, selection_score
+from bert_demo.run_folder.weights import WeightsInfo, selection_score
 from bert_demo.tasks import get_task, model_tasks
 from bert_demo.tasks.batching import (
     Example,
@@ -217,7 +220,7 @@ class Trainer:
                     f"{self.total} steps of these settings (--max-steps, --epochs)"
                 )
             self.ranks.on_main(lambda: self.folder.trim_metrics(self.step, self.eval_step))
-            self.ranks.on_main(lambda: self._save_changed_config())
+            self.ranks.on_main(lambda: self.folder.save_config(self.config))
             if self.step < self.total:
                 self.ranks.on_main(self.folder.reopen)
             self.ranks.on_main(self._repair_best)
@@ -296,11 +299,7 @@ class Trainer:
         rank_rng = self.ranks.all_gather(capture_rng())
         self.ranks.on_main(lambda: self.folder.save_checkpoint(self._checkpoint_state(rank_rng)))
         self.saved_step = self.step
-        return self.out / CHECKPOINT
-
-    def _save_changed_config(self) -> None:
-        if self.folder.saved_config() != self.config:
-            self.folder.save_config(self.config)
+        return self.folder.checkpoint
 
     def _repair_best(self) -> None:
         """Rank 0 on resume: best weights whose dev predictions are not known to be theirs
@@ -308,7 +307,7 @@ class Trainer:
         so that the two are one unit before training goes on."""
         if not self.folder.best_needs_repair():
             return
-        state, info = read_weights(self.out / BEST_WEIGHTS)
+        state, info = self.folder.best_weights()
         best = copy.deepcopy(self.model)
         best.load_state_dict(state)
         rng = capture_rng()  # evaluating draws nothing, but the resumed run must not differ
@@ -334,21 +333,9 @@ class Trainer:
         for record in self.folder.metrics_from(self._tensorboard_first_step(resume=True)):
             self.tensorboard.log(record)
 
-    def _read_checkpoint(self) -> dict[str, Any]:
-        path = self.out / CHECKPOINT
-        state = self.folder.read_checkpoint()
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.ranks.world_size:
-            raise RunDirError(
-                f"--resume: {path} was written by {saved_world} process(es) and this run has "
-                f"{self.ranks.world_size}; the batches depend on it, so resume with "
-                f"torchrun --nproc_per_node {saved_world} (or without torchrun for 1)"
-            )
-        return state
-
     def _load_checkpoint(self) -> None:
         # Rank 0 reads the file and sends it to the others (no shared disk needed).
-        state = self.ranks.on_main(self._read_checkpoint)
+        state = self.ranks.on_main(lambda: self.folder.read_checkpoint(self.ranks.world_size))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
