@@ -1,16 +1,8 @@
-"""A run folder: its layout, writing its files safely, and loading a trained model back.
+"""Reading a run back: its settings, its checkpoint, a trained model and its tokenizer.
 
-    config.json      the TrainConfig (``--resume`` reads it back)
-    checkpoint.pt    model, optimizer (PCGrad included), schedule, teacher, RNG, step;
-                     deleted when the run finishes (unless --keep-checkpoint)
-    best.safetensors the weights of the best dev evaluation (see bert_demo.run_folder.weights)
-    model.safetensors the weights after the last step, written when the run finishes
-    encoder/         the model's tokenizer files and config.json (see bert_demo.run_folder.encoder_files)
-    metrics.jsonl    one JSON line per logged window of steps and per dev evaluation
-    final.json       dev metrics, the best evaluation and wall time once the run has finished
-
-Every file but metrics.jsonl is written whole or not at all (:func:`atomic_write`),
-so an interrupted write never leaves half a checkpoint behind.
+The names of a run's files are defined here and in the modules of what they hold
+(weights, dev_predictions, encoder_files); what writes them, when, and what a folder
+must hold to be a run is :class:`bert_demo.run_folder.folder.RunFolder`'s.
 """
 
 from __future__ import annotations
@@ -28,7 +20,13 @@ from bert_demo.config import TrainConfig
 from bert_demo.json_file import read_json_object
 from bert_demo.model import BertConfig, BertModel, resolve_model_path
 from bert_demo.model.multitask import MultitaskBert
-from bert_demo.run_folder.safe_write import append_line, write_json
+from bert_demo.run_folder.encoder_files import encoder_files
+from bert_demo.run_folder.weights import (
+    BEST_WEIGHTS,
+    LAST_WEIGHTS,
+    WEIGHT_CHOICES,
+    read_weights,
+)
 from bert_demo.tasks import model_tasks
 
 if TYPE_CHECKING:  # the tokenizers package is the demo extra's: imported when a run loads
@@ -43,14 +41,6 @@ CHECKPOINT_FORMAT = 1
 
 class RunDirError(RuntimeError):
     """The output folder does not fit what was asked (an existing run, nothing to resume)."""
-
-
-def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    append_line(path, json.dumps(record, sort_keys=True) + "\n")
-
-
-def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> None:
-    write_json(path, config.to_dict())
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
@@ -130,8 +120,6 @@ def _weights_file(path: Path, weights: str) -> Path:
     """The file to read: ``path`` itself, or in a run folder the best/last weights."""
     if path.is_file():
         return path
-    from bert_demo.run_folder.weights import BEST_WEIGHTS, LAST_WEIGHTS, WEIGHT_CHOICES
-
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"--weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     # The last weights are model.safetensors once the run finished, else its checkpoint;
@@ -147,8 +135,6 @@ def _weights_file(path: Path, weights: str) -> Path:
 def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
     """best/model.safetensors; a truncated or foreign file gets an error naming it."""
     from safetensors import SafetensorError
-
-    from bert_demo.run_folder.weights import read_weights
 
     try:
         return read_weights(path)
@@ -167,8 +153,6 @@ def load_run(
     The tokenizer comes from the run's own ``encoder/`` copy when it has one, so the
     run works without the model it was trained from.
     """
-    from bert_demo.run_folder.encoder_files import encoder_files
-
     path = Path(run)
     weights_file = _weights_file(path, weights)
     try:
