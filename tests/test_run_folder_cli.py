@@ -535,3 +535,10 @@ def test_a_run_saved_with_pcgrad_true_is_the_same_run(tiny, run, capsys) -> None
     assert TrainConfig.from_dict({**saved, "pcgrad": False}) == TrainConfig.from_dict(saved)
     (run / "config.json").write_text(json.dumps({**saved, "pcgrad": False}))
     assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
+
+
+def test_predict_refuses_a_linked_predictions_folder(run, victim, capsys) -> None:
+    (run / "predictions").symlink_to(victim.parent, target_is_directory=True)
+    assert _exit_code(["predict", "--run", str(run), "--no-progress"]) == 2
+    assert f"{run / 'predictions'} is a symbolic link" in capsys.readouterr().err
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["precious.txt"]

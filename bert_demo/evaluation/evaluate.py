@@ -139,7 +139,8 @@ def evaluate_with_predictions(
     return metrics, results
 
 
-def write_predictions(path: str | os.PathLike[str], result: TaskPredictions) -> Path:
+def write_predictions(path: str | os.PathLike[str], result: TaskPredictions,
+                      root: str | os.PathLike[str] | None = None) -> Path:
     """Write ``id,<prediction>,<outputs>`` rows (one per input row, input order) atomically.
 
     The outputs are the task's probabilities or unclipped score
@@ -149,7 +150,7 @@ def write_predictions(path: str | os.PathLike[str], result: TaskPredictions) -> 
     values = task.output_values(result.outputs).tolist()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, root) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["id", task.prediction_column, *task.output_columns()])
         for example_id, value, row in zip(result.ids, result.predicted, values, strict=True):

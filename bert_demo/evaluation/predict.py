@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bert_demo.evaluation.evaluate import predict_task, write_predictions
 from bert_demo.run_folder.run_dir import load_trained, resolve_device, run_folder
+from bert_demo.run_folder.safe_write import refuse_links
 from bert_demo.tasks import PAPER_TASKS, get_task, guess_task
 from bert_demo.tasks.data import find_data_dir, read_task_file
 from bert_demo.training.speed import run_autocast
@@ -60,6 +61,10 @@ def predict_files(
     if single_file and len(jobs) != 1:
         raise ValueError(f"--output {output} names one CSV file but there are {len(jobs)} inputs")
     folder = Path(output) if output is not None and not single_file else run_dir / "predictions"
+    # Inside the run (the default), no link the run holds may send the files elsewhere.
+    root = run_dir if output is None else None
+    if root is not None:
+        refuse_links(folder, root)
     # Read every input first: a bad file is named before anything is written.
     inputs_read = []
     for job_task, path in jobs:
@@ -88,7 +93,7 @@ def predict_files(
                 config.eval_batch_size, torch_device, progress,
             )
         try:
-            written.append((write_predictions(target, result), len(result.ids)))
+            written.append((write_predictions(target, result, root), len(result.ids)))
         except OSError as e:
             raise ValueError(f"{named}{target}: cannot write predictions there "
                              f"({e.strerror or e})") from None
