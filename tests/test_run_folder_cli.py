@@ -542,3 +542,13 @@ def test_predict_refuses_a_linked_predictions_folder(run, victim, capsys) -> Non
     assert _exit_code(["predict", "--run", str(run), "--no-progress"]) == 2
     assert f"{run / 'predictions'} is a symbolic link" in capsys.readouterr().err
     assert sorted(p.name for p in victim.parent.iterdir()) == ["precious.txt"]
+
+
+def test_train_refuses_a_linked_tensorboard_folder(run, victim, capsys) -> None:
+    pytest.importorskip("tensorboard")
+    shutil.rmtree(run / "tensorboard", ignore_errors=True)
+    (run / "tensorboard").symlink_to(victim.parent, target_is_directory=True)
+    assert _exit_code(["train", "--out", str(run), "--resume", "--epochs", "2",
+                       "--no-progress", "--tensorboard"]) == 2
+    assert f"{run / 'tensorboard'} is a symbolic link" in capsys.readouterr().err
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["precious.txt"]
