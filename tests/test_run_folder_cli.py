@@ -552,3 +552,11 @@ def test_train_refuses_a_linked_tensorboard_folder(run, victim, capsys) -> None:
                        "--no-progress", "--tensorboard"]) == 2
     assert f"{run / 'tensorboard'} is a symbolic link" in capsys.readouterr().err
     assert sorted(p.name for p in victim.parent.iterdir()) == ["precious.txt"]
+
+
+def test_weights_are_not_read_through_a_link(run, tmp_path, capsys) -> None:
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    (run / "best.safetensors").rename(elsewhere)
+    (run / "best.safetensors").symlink_to(elsewhere)
+    assert _exit_code(["evaluate", "--run", str(run), "--no-progress"]) == 2
+    assert f"{run / 'best.safetensors'} is a symbolic link" in capsys.readouterr().err

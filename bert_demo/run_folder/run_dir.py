@@ -21,6 +21,7 @@ from bert_demo.json_file import read_json_object
 from bert_demo.model import BertConfig, BertModel, resolve_model_path
 from bert_demo.model.multitask import MultitaskBert
 from bert_demo.run_folder.encoder_files import encoder_files
+from bert_demo.run_folder.safe_write import refuse_links
 from bert_demo.run_folder.weights import (
     BEST_WEIGHTS,
     LAST_WEIGHTS,
@@ -128,7 +129,7 @@ def _weights_file(path: Path, weights: str) -> Path:
         BEST_WEIGHTS, LAST_WEIGHTS, CHECKPOINT)
     for name in names:
         if (path / name).is_file():
-            return path / name
+            return refuse_links(path / name, path)  # the run's own file, not one it points to
     raise FileNotFoundError(f"no checkpoint at {path}: none of {', '.join(names)} is there")
 
 
