@@ -27,6 +27,7 @@ from bert_demo.ablation.stats import Comparison, Run, compare
 from bert_demo.config import TrainConfig
 from bert_demo.run_folder.folder import RunFolder, changed_settings
 from bert_demo.run_folder.run_dir import resolve_device
+from bert_demo.run_folder.safe_write import atomic_write, write_text
 from bert_demo.tasks import PAPER_TASKS, TASKS
 from bert_demo.training.speed import resolve_precision, threads_for_jobs
 
@@ -353,13 +354,14 @@ def write_outputs(base: TrainConfig, out: Path, rows: tuple[Row, ...], seeds: in
     document = {"rows": summary,
                 "conclusions": [{"number": c.number, "claim": c.claim, "status": c.status,
                                  "evidence": c.evidence} for c in found]}
-    (out / "ablation.json").write_text(json.dumps(document, indent=2) + "\n")
+    # Whole or not at all, and never through a link the folder holds (see safe_write).
+    write_text(out / "ablation.json", json.dumps(document, indent=2) + "\n")
     table = out / "ablation.md"
     text = markdown_table(summary, base, seeds)
     text += progress_section(finals, len(rows) * seeds, command)
     text += differences_table(differences)
     text += conclusions_section(found)
-    table.write_text(text)
+    write_text(table, text)
     plot(summary, out / "ablation.png")
     return table
 
@@ -521,6 +523,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("dev score")
     ax.legend(ncol=len(METRICS) + 1, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.12))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path

@@ -1,7 +1,7 @@
 """One writer per run folder: an exclusive lock held while a process writes the run.
 
-The lock is ``fcntl.flock`` on ``RUN/.lock`` (``msvcrt.locking`` on Windows), which also
-holds the holder's pid and host for the refusal message. The operating system drops the
+The lock is ``fcntl.flock`` on ``RUN/.lock`` (on Windows ``msvcrt.locking``, which no test
+here runs), which also holds the holder's pid and host for the refusal message. The operating system drops the
 lock when its process ends, however it ends, so a lock left behind by a killed process
 (kill -9) never blocks: the file stays, the lock does not, and the next run takes it over.
 """
