@@ -226,8 +226,6 @@ def test_train_refuses_a_folder_that_is_not_a_run(tiny, tmp_path, kind, capsys) 
         (folder / "config.json").write_text('{"name": "my project"}')
     else:  # a Hugging Face model folder: config.json, weights, vocab.txt (no checkpoint)
         write_tiny_model(folder)
-        (folder / "pytorch_model.bin").write_bytes(b"weights")
-        (folder / "model.safetensors").rename(folder / "other.safetensors")
     before = _listing(folder)
     assert _exit_code(["train", *tiny_args(tiny, folder)]) == 2
     err = capsys.readouterr().err

@@ -180,16 +180,16 @@ class RunFolder:
             return
         if not self.path.is_dir():
             raise RunDirError(f"--out {self.path} is a file, not a folder")
-        for name in (CHECKPOINT, LAST_WEIGHTS):
-            if (self.path / name).exists():
-                raise RunDirError(f"{self.path} already holds a run ({name}); pass --resume to "
-                                  "continue it or choose another --out")
         others = sorted(p.name for p in self.path.iterdir() if p.name not in _RUN_FILES)
-        if others and not self.holds_run():
+        if others and not self.holds_run():  # a project, a model folder, ...
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             raise RunDirError(f"--out {self.path} is not empty and holds no bert_demo run "
                               f"({shown}); a new run needs a new or empty folder, or one of "
                               "its own runs")
+        for name in (CHECKPOINT, LAST_WEIGHTS):
+            if (self.path / name).exists():
+                raise RunDirError(f"{self.path} already holds a run ({name}); pass --resume to "
+                                  "continue it or choose another --out")
 
     def create(self, config: TrainConfig, model_folder: Path) -> None:
         """A new run: refuse (see :meth:`check_new`), else clear what an earlier run that
