@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bert_demo.ablation_figure import (
+from bert_demo.ablation.figure import (
     DrawnDifference,
     _axis_limits,
     paper_difference,

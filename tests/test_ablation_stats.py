@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bert_demo.ablate import REFERENCE_ROW, Row, load_runs, run_ablation, select_rows
-from bert_demo.ablation_conclusions import conclusions
-from bert_demo.ablation_stats import (
+from bert_demo.ablation.ablate import REFERENCE_ROW, Row, load_runs, run_ablation, select_rows
+from bert_demo.ablation.conclusions import conclusions
+from bert_demo.ablation.stats import (
     Comparison,
     Run,
     bootstrap_differences,
@@ -25,14 +25,14 @@ from bert_demo.ablation_stats import (
     t_quantile,
 )
 from bert_demo.config import TrainConfig
-from bert_demo.dev_predictions import (
+from bert_demo.evaluation.evaluate import TaskPredictions
+from bert_demo.run_folder.dev_predictions import (
     DEV_PREDICTIONS,
     DevPredictions,
     read_dev_predictions,
     write_dev_predictions,
 )
-from bert_demo.evaluate import TaskPredictions
-from bert_demo.run_dir import FINAL
+from bert_demo.run_folder.run_dir import FINAL
 
 
 @pytest.mark.parametrize(("df", "expected"), [(1, 12.7062), (2, 4.3027), (4, 2.7764),

@@ -18,7 +18,11 @@ from typing import Any
 
 import torch
 
-from bert_demo.data import (
+from bert_demo.evaluation.evaluate import TaskPredictions, predict_task
+from bert_demo.run_folder.run_dir import load_trained, resolve_device, run_folder
+from bert_demo.run_folder.safe_write import atomic_write, refuse_links, write_text
+from bert_demo.tasks import get_task
+from bert_demo.tasks.data import (
     Example,
     PairExample,
     SentenceExample,
@@ -26,10 +30,7 @@ from bert_demo.data import (
     load_split,
     require_rows,
 )
-from bert_demo.evaluate import TaskPredictions, predict_task
-from bert_demo.run_dir import load_trained, resolve_device, run_folder
-from bert_demo.speed import run_autocast
-from bert_demo.tasks import get_task
+from bert_demo.training.speed import run_autocast
 
 # What the largest errors are measured by, per kind of task.
 ERROR_MEASURE = {"classes": "confidence", "binary": "|p - label|", "score": "|score - gold|"}
@@ -44,7 +45,7 @@ def confusion_matrix(predicted: list[float], gold: list[float], classes: int) ->
 
 
 def plot_confusion(
-    counts: torch.Tensor, path: Path, title: str, names: tuple[str, ...]
+    counts: torch.Tensor, path: Path, root: Path | None, title: str, names: tuple[str, ...]
 ) -> Path:
     import matplotlib
 
@@ -69,7 +70,8 @@ def plot_confusion(
                     color="white" if value > peak / 2 else "black")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write(path, root) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -117,14 +119,16 @@ def analyze(
 ) -> Path:
     """Write sst_confusion.png and errors.md for a run; returns the markdown path.
 
-    ``precision``: see :func:`bert_demo.speed.run_autocast` (None: the run's own).
+    ``precision``: see :func:`bert_demo.training.speed.run_autocast` (None: the run's own).
     """
     if top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
     torch_device = resolve_device(device)
     model, tokenizer, config = load_trained(run, torch_device, weights)
     run_dir = run_folder(run)
-    folder = Path(out) if out is not None else run_dir / "analysis"
+    # Inside the run, no link may take the report elsewhere (RUN/analysis itself included).
+    folder, root = (Path(out), None) if out is not None else (run_dir / "analysis", run_dir)
+    refuse_links(folder, root)
     folder.mkdir(parents=True, exist_ok=True)
     data_dir = find_data_dir(data if data is not None else config.data)
     tasks = tuple(model.heads)
@@ -143,7 +147,7 @@ def analyze(
             names = spec.class_names
             counts = confusion_matrix(result.predicted, result.gold, spec.num_outputs)
             picture = f"{task}_confusion.png"
-            plot_confusion(counts, folder / picture,
+            plot_confusion(counts, folder / picture, root,
                            f"{task.upper()} dev confusion (acc {result.metric():.3f})", names)
             lines += ["Confusion matrix (rows gold, columns predicted); "
                       f"picture: {picture}", "",
@@ -164,5 +168,5 @@ def analyze(
                          f"{_cell(_text(example))} |")
         lines.append("")
     report = folder / "errors.md"
-    report.write_text("\n".join(lines))
+    write_text(report, "\n".join(lines), root)
     return report

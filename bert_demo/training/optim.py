@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 import gradtools
-from bert_demo.speed import adamw_flags
+from bert_demo.training.speed import adamw_flags
 
 
 class FeatureUnavailable(RuntimeError):
@@ -26,7 +26,7 @@ def make_optimizer(
     """Build the optimizer ``name`` over param groups that each carry their own lr.
 
     ``adamw_impl`` (fused, foreach, for-loop) picks gradtools.AdamW's implementation;
-    resolve ``fused`` with :func:`bert_demo.speed.resolve_adamw_impl` first.
+    resolve ``fused`` with :func:`bert_demo.training.speed.resolve_adamw_impl` first.
     """
     groups = [dict(g, weight_decay=weight_decay) for g in param_groups]
     if name == "adamw":

@@ -1,25 +1,15 @@
-"""A run folder: its layout, writing its files safely, and loading a trained model back.
+"""Reading a run back: its settings, its checkpoint, a trained model and its tokenizer.
 
-    config.json      the TrainConfig (``--resume`` reads it back)
-    checkpoint.pt    model, optimizer (PCGrad included), schedule, teacher, RNG, step;
-                     deleted when the run finishes (unless --keep-checkpoint)
-    best.safetensors the weights of the best dev evaluation (see bert_demo.weights)
-    model.safetensors the weights after the last step, written when the run finishes
-    encoder/         the model's tokenizer files and config.json (see bert_demo.model_files)
-    metrics.jsonl    one JSON line per logged window of steps and per dev evaluation
-    final.json       dev metrics, the best evaluation and wall time once the run has finished
-
-Every file but metrics.jsonl is written whole or not at all (:func:`atomic_write`),
-so an interrupted write never leaves half a checkpoint behind.
+The names of a run's files are defined here and in the modules of what they hold
+(weights, dev_predictions, encoder_files); what writes them, when, and what a folder
+must hold to be a run is :class:`bert_demo.run_folder.folder.RunFolder`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,11 +19,19 @@ import torch
 from bert_demo.config import TrainConfig
 from bert_demo.json_file import read_json_object
 from bert_demo.model import BertConfig, BertModel, resolve_model_path
-from bert_demo.multitask import MultitaskBert
+from bert_demo.model.multitask import MultitaskBert
+from bert_demo.run_folder.encoder_files import encoder_files
+from bert_demo.run_folder.safe_write import refuse_links
+from bert_demo.run_folder.weights import (
+    BEST_WEIGHTS,
+    LAST_WEIGHTS,
+    WEIGHT_CHOICES,
+    read_weights,
+)
 from bert_demo.tasks import model_tasks
 
 if TYPE_CHECKING:  # the tokenizers package is the demo extra's: imported when a run loads
-    from bert_demo.tokenizer import WordPieceTokenizer
+    from bert_demo.model.tokenizer import WordPieceTokenizer
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -44,41 +42,6 @@ CHECKPOINT_FORMAT = 1
 
 class RunDirError(RuntimeError):
     """The output folder does not fit what was asked (an existing run, nothing to resume)."""
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; once written, it replaces ``path`` in one rename.
-
-    If the block raises, the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | os.PathLike[str], value: Any) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def save_torch(obj: Any, path: str | os.PathLike[str]) -> None:
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def save_config(config: TrainConfig, path: str | os.PathLike[str]) -> None:
-    write_json(path, config.to_dict())
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
@@ -158,8 +121,6 @@ def _weights_file(path: Path, weights: str) -> Path:
     """The file to read: ``path`` itself, or in a run folder the best/last weights."""
     if path.is_file():
         return path
-    from bert_demo.weights import BEST_WEIGHTS, LAST_WEIGHTS, WEIGHT_CHOICES
-
     if weights not in WEIGHT_CHOICES:
         raise ValueError(f"--weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     # The last weights are model.safetensors once the run finished, else its checkpoint;
@@ -168,15 +129,13 @@ def _weights_file(path: Path, weights: str) -> Path:
         BEST_WEIGHTS, LAST_WEIGHTS, CHECKPOINT)
     for name in names:
         if (path / name).is_file():
-            return path / name
+            return refuse_links(path / name, path)  # the run's own file, not one it points to
     raise FileNotFoundError(f"no checkpoint at {path}: none of {', '.join(names)} is there")
 
 
 def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
     """best/model.safetensors; a truncated or foreign file gets an error naming it."""
     from safetensors import SafetensorError
-
-    from bert_demo.weights import read_weights
 
     try:
         return read_weights(path)
@@ -195,8 +154,6 @@ def load_run(
     The tokenizer comes from the run's own ``encoder/`` copy when it has one, so the
     run works without the model it was trained from.
     """
-    from bert_demo.model_files import encoder_files
-
     path = Path(run)
     weights_file = _weights_file(path, weights)
     try:
@@ -218,7 +175,7 @@ def load_run(
             f"{weights_file}: does not describe a model this bert_demo can rebuild "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
-    from bert_demo.tokenizer import WordPieceTokenizer
+    from bert_demo.model.tokenizer import WordPieceTokenizer
 
     model.to(device).eval()
     own_files = encoder_files(weights_file.parent)

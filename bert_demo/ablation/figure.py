@@ -9,7 +9,7 @@ rather than the scores' 0-1 range; a paper difference far outside them (the froz
 encoder's) sits at the panel's edge as an arrow labelled with its value.
 
 :func:`plot_differences` reads ``ablation.json``'s ``rows`` (``summary`` in
-:func:`bert_demo.ablate.write_outputs`) and returns what it drew, read back from
+:func:`bert_demo.ablation.ablate.write_outputs`) and returns what it drew, read back from
 the plot, so a test can hold the figure to the table.
 """
 
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bert_demo.ablate import HEADERS, METRICS, PAPER_DEV_SCORES, REFERENCE_ROW, paper_overall
+from bert_demo.ablation.ablate import HEADERS, METRICS, PAPER_DEV_SCORES, REFERENCE_ROW, paper_overall
+from bert_demo.run_folder.safe_write import atomic_write
 
 DIFFERENCES_FIGURE = "differences.png"
 # A paper difference may widen a panel's axis to at most this many times the span
@@ -172,6 +173,7 @@ def plot_differences(rows: Mapping[str, Any], path: Path,
     fig.legend(handles=legend, loc="outside lower center", ncol=4, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as tmp:  # never through a link the run folder holds
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return drawn

@@ -7,7 +7,7 @@ torchrun starts one process per device and sets ``RANK``, ``WORLD_SIZE``,
 process group they describe (NCCL on CUDA, one device per process, gloo on the
 CPU). Without those variables everything here is a no-op on a single process.
 
-How the training loop uses it (see :mod:`bert_demo.train`):
+How the training loop uses it (see :mod:`bert_demo.training.train`):
 
 - Batches: the batch-size flags are per process. At each step the global batch
   of a task is the single-process batch of ``world_size`` times that size (the

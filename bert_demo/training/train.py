@@ -1,27 +1,30 @@
 """The multitask training loop: one batch of every task per step, as in the paper.
 
 Each step draws one batch per task (the order is a pure function of seed and step,
-see :mod:`bert_demo.batching`), computes each task's loss (plus SMART's adversarial
+see :mod:`bert_demo.tasks.batching`), computes each task's loss (plus SMART's adversarial
 and Bregman terms with ``smart``), and either sums the losses or hands them to
-PCGrad, which removes conflicting components before the optimizer step.
+the aggregator (``--aggregator``; PCGrad removes conflicting components), which combines
+the task gradients before the optimizer step.
 
-A run lives in one folder (see :mod:`bert_demo.run_dir`). Checkpoints are written atomically at every epoch end, when training finishes and
-on Ctrl-C (the step in flight completes first; a second Ctrl-C aborts at once).
-Every evaluation that beats the best dev overall score so far saves the weights
-(best.safetensors); a finished run keeps model-only weights (model.safetensors) and
-deletes its optimizer checkpoint unless asked to keep it.
+A run lives in one folder, which :class:`bert_demo.run_folder.folder.RunFolder` owns (what
+is written there, when, and what may change on resume); the Trainer sets up, steps and
+loops. Checkpoints are saved at every epoch end, when training finishes and on Ctrl-C
+(the step in flight completes first; a second Ctrl-C aborts at once). Every evaluation
+that beats the best dev score so far saves the weights with their dev predictions; a
+finished run keeps model-only weights and deletes its optimizer checkpoint unless asked
+to keep it.
 
 Under torchrun every process runs this loop on its share of each batch; see
-:mod:`bert_demo.distributed` for what is averaged and what only rank 0 does.
+:mod:`bert_demo.training.distributed` for what is averaged and what only rank 0 does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -34,49 +37,34 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from bert_demo import run_dir
-from bert_demo.batching import (
+from bert_demo.config import TrainConfig
+from bert_demo.evaluation.evaluate import TaskPredictions, evaluate_with_predictions
+from bert_demo.model import load_pretrained, resolve_model_path
+from bert_demo.model.multitask import MultitaskBert
+from bert_demo.model.tokenizer import WordPieceTokenizer
+from bert_demo.run_folder import run_dir
+from bert_demo.run_folder.folder import RESUMABLE, RunFolder, capture_rng, restore_rng
+from bert_demo.run_folder.run_dir import CHECKPOINT, RunDirError, new_model, resolve_device
+from bert_demo.run_folder.safe_write import DiskFull
+from bert_demo.run_folder.weights import WeightsInfo, selection_score
+from bert_demo.tasks import get_task, model_tasks
+from bert_demo.tasks.batching import (
     Example,
     batch_indices,
     batches_per_pass,
     example_length,
     make_batch,
 )
-from bert_demo.config import TrainConfig
-from bert_demo.data import find_data_dir, load_split, require_rows
-from bert_demo.dev_predictions import DEV_PREDICTIONS, write_dev_predictions
-from bert_demo.distributed import Ranks, rank_seed
-from bert_demo.evaluate import TaskPredictions, evaluate_with_predictions
-from bert_demo.mnrl import MNRL_TASK, multiple_negatives_ranking_loss
-from bert_demo.model import load_pretrained, resolve_model_path
-from bert_demo.model_files import ENCODER_FILES_DIR, copy_model_files, encoder_files
-from bert_demo.multitask import MultitaskBert
-from bert_demo.optim import make_optimizer, make_schedule, wrap_aggregator, wrap_pcgrad
-from bert_demo.regularization import SmartTerms
-from bert_demo.run_dir import (
-    CHECKPOINT,
-    CONFIG,
-    FINAL,
-    METRICS,
-    RunDirError,
-    append_jsonl,
-    atomic_write,
-    load_config,
-    new_model,
-    read_checkpoint,
-    resolve_device,
-    save_config,
-    save_torch,
-    write_json,
-)
-from bert_demo.speed import autocast, resolve_adamw_impl, resolve_precision
-from bert_demo.tasks import get_task, model_tasks
-from bert_demo.tensorboard_log import TensorBoardLog
-from bert_demo.tensorboard_log import check_available as check_tensorboard
-from bert_demo.tokenizer import WordPieceTokenizer
-from bert_demo.weights import BEST_WEIGHTS, LAST_WEIGHTS, BestWeights, WeightsInfo, save_weights
+from bert_demo.tasks.data import find_data_dir, load_split, require_rows
+from bert_demo.training.distributed import Ranks, rank_seed
+from bert_demo.training.mnrl import MNRL_TASK, multiple_negatives_ranking_loss
+from bert_demo.training.optim import make_optimizer, make_schedule, wrap_aggregator, wrap_pcgrad
+from bert_demo.training.regularization import SmartTerms
+from bert_demo.training.speed import autocast, resolve_adamw_impl, resolve_precision
+from bert_demo.training.tensorboard_log import TensorBoardLog
+from bert_demo.training.tensorboard_log import check_available as check_tensorboard
 
-__all__ = ["Trainer", "build_model", "pcgrad_summary", "steps_per_epoch", "total_steps", "train"]
+__all__ = ["RESUMABLE", "Trainer", "aggregator_summary", "build_model", "steps_per_epoch", "total_steps", "train"]
 
 
 def build_model(config: TrainConfig) -> MultitaskBert:
@@ -134,9 +122,6 @@ class TrainingDiverged(RuntimeError):
     """A loss or gradient became inf or NaN; the last checkpoint is left as it was."""
 
 
-# Settings a resumed run may change: they only move where the run ends.
-RESUMABLE = ("epochs", "max_steps")
-
 
 class Trainer:
     """One training run in one folder. ``run()`` trains to the end (or to a Ctrl-C)."""
@@ -159,7 +144,11 @@ class Trainer:
         check_tensorboard(tensorboard)  # before the run folder is touched
         # This process among the torchrun processes (a single process by default).
         self.ranks = ranks if ranks is not None else Ranks()
-        self.out = Path(out_dir)
+        self.folder = RunFolder(out_dir)
+        self.out = self.folder.path
+        if not resume:
+            # A refused --out (an existing run, a folder of other files) costs nothing.
+            self.ranks.on_main(self.folder.check_new)
         self.device = resolve_device(None if device is None else str(device))
         # What this run computes in (auto and fused resolved for this machine).
         self.precision = resolve_precision(config.precision, self.device)
@@ -185,10 +174,16 @@ class Trainer:
         self.tokenizer = WordPieceTokenizer.from_folder(resolve_model_path(config.model))
         self.model = build_model(config).to(self.device)
         # Only now that data and model have loaded does the run folder change.
-        self.ranks.on_main(lambda: self._prepare_run_dir(resume))
+        self.ranks.on_main(lambda: self._open_folder(resume))
+        try:
+            self._set_up(resume, tensorboard)
+        except BaseException:
+            self.folder.release()
+            raise
+
+    def _set_up(self, resume: bool, tensorboard: bool | None) -> None:
+        config = self.config
         main = self.ranks.is_main
-        # After _prepare_run_dir, which removes a previous run's best weights.
-        self.best = BestWeights(self.out) if main else None
         self.ranks.broadcast_module(self.model)
         self.per_epoch = steps_per_epoch(config, self.train_sets, self.ranks.world_size)
         self.total = total_steps(config, self.per_epoch)
@@ -196,7 +191,9 @@ class Trainer:
         if config.mode == "frozen":
             for p in self.model.encoder.parameters():
                 p.requires_grad_(False)
-        self.pcgrad_generator = torch.Generator().manual_seed(config.seed)
+        # The one generator of the aggregator's random draws (PCGrad's visiting orders);
+        # its state travels in the optimizer's state dict.
+        self.aggregator_generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = self._make_optimizer()
         self.schedule = make_schedule(self.optimizer, config.schedule, self.total, config.warmup)
         self.smart = SmartTerms(config, self.model, self.total) if config.smart else None
@@ -212,6 +209,9 @@ class Trainer:
         # The latest evaluation's per-example dev predictions (for ablation statistics).
         self.last_predictions: dict[str, TaskPredictions] | None = None
         self.saved_step: int | None = None  # the step of checkpoint.pt, once there is one
+        # Per-step statistics since the last metrics.jsonl "train" record (checkpointed, so
+        # that a resumed run's next record averages the same steps as an uninterrupted one).
+        self.window: dict[str, list[float]] = {}
         if resume:
             self._load_checkpoint()
             if self.step > self.total:
@@ -219,10 +219,11 @@ class Trainer:
                     f"--resume: {self.out / CHECKPOINT} is at step {self.step}, past the "
                     f"{self.total} steps of these settings (--max-steps, --epochs)"
                 )
-            self.ranks.on_main(self._truncate_metrics)
-            self.ranks.on_main(lambda: self._save_changed_config())
+            self.ranks.on_main(lambda: self.folder.trim_metrics(self.step, self.eval_step))
+            self.ranks.on_main(lambda: self.folder.save_config(self.config))
             if self.step < self.total:
-                self.ranks.on_main(self._reopen_finished_run)
+                self.ranks.on_main(self.folder.reopen)
+            self.ranks.on_main(self._repair_best)
         self.tensorboard = TensorBoardLog(self.out, tensorboard if main else False,
                                           self._tensorboard_first_step(resume))
         if resume and main:
@@ -230,46 +231,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
 
-    def _prepare_run_dir(self, resume: bool) -> None:
+    def _open_folder(self, resume: bool) -> None:
+        """Rank 0: lock the run folder, then create the run or check the resume."""
+        model_folder = resolve_model_path(self.config.model)
         try:
-            self._check_run_dir(resume)
-        except OSError as e:  # a file where the folder should be, a read-only disk, ...
-            raise RunDirError(f"--out {self.out}: cannot write the run there "
-                              f"({e.strerror or e}: {e.filename or self.out})") from e
-
-    def _check_run_dir(self, resume: bool) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        checkpoint, saved_config = self.out / CHECKPOINT, self.out / CONFIG
-        if resume:
-            if not checkpoint.is_file():
-                raise RunDirError(f"--resume: {checkpoint} does not exist; nothing to resume")
-            saved = load_config(saved_config)
-            changed = sorted(
-                k for k, v in saved.to_dict().items() if self.config.to_dict()[k] != v
-            )
-            refused = [k for k in changed if k not in RESUMABLE]
-            if refused:
-                raise RunDirError(
-                    f"--resume: settings differ from the run in {self.out} ({', '.join(refused)}); "
-                    f"a resumed run keeps its settings (only {', '.join(RESUMABLE)} may change)"
-                )
-            # A changed --epochs/--max-steps is written once the checkpoint has been read.
-        else:
-            for name in (CHECKPOINT, LAST_WEIGHTS):
-                if (self.out / name).exists():
-                    raise RunDirError(
-                        f"{self.out} already holds a run ({name}); pass --resume to continue "
-                        "it or choose another --out"
-                    )
-            for name in (METRICS, FINAL, BEST_WEIGHTS, DEV_PREDICTIONS):
-                (self.out / name).unlink(missing_ok=True)
-            save_config(self.config, saved_config)
-        if not resume or encoder_files(self.out) is None:
-            # The tokenizer files travel with the run (see bert_demo.model_files); a new
-            # run in a used folder replaces those of the earlier model.
-            if not resume:
-                shutil.rmtree(self.out / ENCODER_FILES_DIR, ignore_errors=True)
-            copy_model_files(resolve_model_path(self.config.model), self.out, self.config.model)
+            self.folder.acquire("train")
+            if resume:
+                self.folder.check_resume(self.config)
+                # A changed --epochs/--max-steps is written once the checkpoint has been read.
+                self.folder.ensure_encoder_files(model_folder, self.config.model)
+            else:
+                self.folder.create(self.config, model_folder)
+        except BaseException as e:
+            self.folder.release()
+            if isinstance(e, OSError) and not isinstance(e, DiskFull):
+                # a file where the folder should be, a read-only disk, ...
+                raise RunDirError(f"--out {self.out}: cannot write the run there "
+                                  f"({e.strerror or e}: {e.filename or self.out})") from e
+            raise
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
@@ -279,12 +258,13 @@ class Trainer:
             groups.insert(0, {"params": list(self.model.encoder.parameters()), "lr": config.lr})
         optimizer = make_optimizer(config.optimizer, groups, config.weight_decay,
                                    self.adamw_impl or "for-loop")
-        if config.pcgrad:
-            # With several processes PCGrad averages each task's gradient over them
-            # before the surgery, which then runs on the global task gradients.
-            optimizer = wrap_pcgrad(optimizer, self.pcgrad_generator, self.ranks.group)
+        # With several processes each task's gradient is averaged over them before the
+        # aggregator combines the global task gradients.
+        if config.aggregator == "pcgrad":
+            # gradtools.PCGrad, as runs before --aggregator trained (their checkpoints resume).
+            optimizer = wrap_pcgrad(optimizer, self.aggregator_generator, self.ranks.group)
         elif config.aggregator is not None:
-            optimizer = wrap_aggregator(optimizer, config.aggregator, self.pcgrad_generator,
+            optimizer = wrap_aggregator(optimizer, config.aggregator, self.aggregator_generator,
                                         self.ranks.group)
         return optimizer
 
@@ -306,6 +286,7 @@ class Trainer:
             "metrics": json.dumps(self.last_metrics),
             "eval_step": self.eval_step,
             "rng": rank_rng[0],
+            "window": json.dumps(self.window),
             # Every process's random streams, so that a resumed run with the same
             # number of processes continues exactly.
             "world_size": len(rank_rng),
@@ -314,45 +295,25 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write the checkpoint from rank 0 (every rank must call this: it gathers their RNG)."""
-        path = self.out / CHECKPOINT
         self.ranks.check_replicas_equal(self.model)
-        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        rank_rng = self.ranks.all_gather(rng)
-        self.ranks.on_main(lambda: save_torch(self._checkpoint_state(rank_rng), path))
+        rank_rng = self.ranks.all_gather(capture_rng())
+        self.ranks.on_main(lambda: self.folder.save_checkpoint(self._checkpoint_state(rank_rng)))
         self.saved_step = self.step
-        return path
+        return self.folder.checkpoint
 
-    def _save_changed_config(self) -> None:
-        if load_config(self.out / CONFIG) != self.config:
-            save_config(self.config, self.out / CONFIG)
-
-    def _truncate_metrics(self) -> None:
-        """Drop metrics.jsonl records from after the checkpoint: the resumed run logs them again."""
-        path = self.out / METRICS
-        if not path.is_file():
+    def _repair_best(self) -> None:
+        """Rank 0 on resume: best weights whose dev predictions are not known to be theirs
+        (a crash between the two files, or a run from before best.json) are evaluated again,
+        so that the two are one unit before training goes on."""
+        if not self.folder.best_needs_repair():
             return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short when the run stopped
-            if not isinstance(record, dict):
-                continue
-            last = self.eval_step if record.get("event") == "eval" else self.step
-            if record.get("step", 0) <= last:
-                kept.append(line)
-        with atomic_write(path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-    def _reopen_finished_run(self) -> None:
-        """A finished run (kept checkpoint) resumed with more steps is no longer finished:
-        its final.json and model.safetensors describe the old end and are written again at
-        the new one (until then "last" weights are the checkpoint's)."""
-        for name in (FINAL, LAST_WEIGHTS):
-            (self.out / name).unlink(missing_ok=True)
+        state, info = self.folder.best_weights()
+        best = copy.deepcopy(self.model)
+        best.load_state_dict(state)
+        rng = capture_rng()  # evaluating draws nothing, but the resumed run must not differ
+        _, predictions = self._evaluate_with_predictions(best)
+        restore_rng(rng)
+        self.folder.save_best(best, info, predictions)
 
     def _tensorboard_first_step(self, resume: bool) -> int:
         """TensorBoard hides what an earlier writer logged from this step on (purge_step).
@@ -367,30 +328,14 @@ class Trainer:
         return self.step if self._evaluation_pending() else self.step + 1
 
     def _replay_to_tensorboard(self) -> None:
-        path = self.out / METRICS
-        if not self.tensorboard.active or not path.is_file():
+        if not self.tensorboard.active:
             return
-        first = self._tensorboard_first_step(resume=True)
-        for line in path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)  # _truncate_metrics left whole records only
-            if record.get("step", 0) >= first:
-                self.tensorboard.log(record)
-
-    def _read_checkpoint(self) -> dict[str, Any]:
-        path = self.out / CHECKPOINT
-        state = read_checkpoint(path)
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.ranks.world_size:
-            raise RunDirError(
-                f"--resume: {path} was written by {saved_world} process(es) and this run has "
-                f"{self.ranks.world_size}; the batches depend on it, so resume with "
-                f"torchrun --nproc_per_node {saved_world} (or without torchrun for 1)"
-            )
-        return state
+        for record in self.folder.metrics_from(self._tensorboard_first_step(resume=True)):
+            self.tensorboard.log(record)
 
     def _load_checkpoint(self) -> None:
         # Rank 0 reads the file and sends it to the others (no shared disk needed).
-        state = self.ranks.on_main(self._read_checkpoint)
+        state = self.ranks.on_main(lambda: self.folder.read_checkpoint(self.ranks.world_size))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -402,10 +347,9 @@ class Trainer:
         # Checkpoints before eval_step was recorded were only written after evaluating.
         self.eval_step = int(state.get("eval_step", self.step))
         self.saved_step = self.step
-        rng = state["rank_rng"][self.ranks.rank] if "rank_rng" in state else state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        # Checkpoints before the window was saved start their resumed window empty.
+        self.window = json.loads(state.get("window", "{}"))
+        restore_rng(state["rank_rng"][self.ranks.rank] if "rank_rng" in state else state["rng"])
 
     # ------------------------------------------------------------------ the step
 
@@ -476,7 +420,7 @@ class Trainer:
             ) from None
         self.schedule.step()
         if config.combines_task_gradients:
-            stats.update(pcgrad_summary(self.optimizer, config.tasks))
+            stats.update(aggregator_summary(self.optimizer, config.tasks))
         if self.smart is not None:
             self.smart.after_step(model)
         self.step += 1
@@ -490,11 +434,11 @@ class Trainer:
         return metrics
 
     def _evaluate_with_predictions(
-        self,
+        self, model: MultitaskBert | None = None,
     ) -> tuple[dict[str, float], dict[str, TaskPredictions]]:
         with autocast(self.precision, self.device):
             return evaluate_with_predictions(
-                self.model,
+                self.model if model is None else model,
                 self.dev_sets,
                 self.tokenizer,
                 self.config.max_length,
@@ -510,16 +454,14 @@ class Trainer:
             predictions = self.last_predictions
             record = {"event": "eval", "step": self.step, "epoch": self.step / self.per_epoch,
                       "elapsed_s": round(self.elapsed, 1), **metrics}
-            append_jsonl(self.out / METRICS, record)
+            self.folder.append_metrics(record)
             self.tensorboard.log(record)
-            assert self.best is not None  # rank 0 keeps the best weights
-            if self.best.consider(self.model, self._weights_info(metrics)):
-                # The per-example predictions go with the best weights (the scores the
-                # ablation reports), written now: a resumed run may not evaluate them again.
-                if predictions is not None:
-                    write_dev_predictions(self.out / DEV_PREDICTIONS, predictions)
-                else:  # no stale file that would claim to be these weights' predictions
-                    (self.out / DEV_PREDICTIONS).unlink(missing_ok=True)
+            # Rank 0 keeps the best weights (ties keep the earlier ones; NaN never wins)
+            # with their per-example predictions (the scores the ablation reports),
+            # written now: a resumed run may not evaluate them again.
+            score = selection_score(metrics, self.config.tasks)
+            if score > self.folder.best_score(self.config.tasks):
+                self.folder.save_best(self.model, self._weights_info(metrics), predictions)
             return metrics
 
         # Rank 0 evaluates (the replicas are equal) and tells the others.
@@ -547,10 +489,17 @@ class Trainer:
         self.save_checkpoint()
 
     def run(self) -> dict[str, Any]:
-        """Train to the last step; returns final.json's content (or raises KeyboardInterrupt)."""
+        """Train to the last step; returns final.json's content (or raises KeyboardInterrupt).
+
+        The run folder's lock, taken when the Trainer was made, is released at the end."""
+        try:
+            return self._run()
+        finally:
+            self.folder.release()
+
+    def _run(self) -> dict[str, Any]:
         config = self.config
         interrupt = _Interrupt()
-        window: dict[str, list[float]] = {}
         running: dict[str, float] = {}
         main = self.ranks.is_main
         bar = tqdm(total=self.total, initial=self.step, disable=not (self.progress and main),
@@ -567,7 +516,7 @@ class Trainer:
                     in_step = False
                     self.elapsed = time.perf_counter() - started
                     for key, value in stats.items():
-                        window.setdefault(key, []).append(value)
+                        self.window.setdefault(key, []).append(value)
                         if key.startswith("loss_"):
                             # Exponential average for the bar: readable, not jumpy.
                             old = running.get(key, value)
@@ -576,10 +525,10 @@ class Trainer:
                     bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in running.items()})
                     if self.step % config.log_every == 0 or self.step == self.total:
                         if main:
-                            record = self._train_record(window)
-                            append_jsonl(self.out / METRICS, record)
+                            record = self._train_record(self.window)
+                            self.folder.append_metrics(record)
                             self.tensorboard.log(record)
-                        window = {}
+                        self.window = {}
                     if self._is_eval_step():
                         self._save_and_evaluate(bar, started)
                     if self.on_step is not None:
@@ -630,16 +579,8 @@ class Trainer:
 
         dev_predictions.csv.gz was written with best.safetensors (see ``_log_eval``).
         """
-        save_weights(self.model, self.out / LAST_WEIGHTS, self._weights_info(self.last_metrics))
-        assert self.best is not None
-        final["best"] = self.best.summary()
-        final["weights"] = {"last": LAST_WEIGHTS, "best": BEST_WEIGHTS if final["best"] else None,
-                            "checkpoint": CHECKPOINT if self.keep_checkpoint else None}
-        final["dev_predictions"] = (DEV_PREDICTIONS if (self.out / DEV_PREDICTIONS).is_file()
-                                    else None)
-        write_json(self.out / FINAL, final)
-        if not self.keep_checkpoint:
-            (self.out / CHECKPOINT).unlink(missing_ok=True)
+        final = self.folder.finish(self.model, self._weights_info(self.last_metrics), final,
+                                   self.keep_checkpoint)
         self.tensorboard.close()
         return final
 
@@ -657,15 +598,20 @@ class Trainer:
         return record
 
 
-def pcgrad_summary(optimizer: Any, tasks: tuple[str, ...]) -> dict[str, float]:
-    """Per-step numbers from PCGrad's stats: conflicting pairs and each pair's cosine."""
+def aggregator_summary(optimizer: Any, tasks: tuple[str, ...]) -> dict[str, float]:
+    """Per-step numbers of the aggregator's statistics, under names that do not depend on
+    which aggregator ran: conflicting task pairs, each pair's cosine, and each task's weight
+    (averaged over blocks when the aggregator weighs blocks of parameters apart)."""
     stats = getattr(optimizer, "stats", None)
     if stats is None:
         return {}
-    summary = {"pcgrad_conflicts": float(stats.conflicts.sum().item()) / 2}
+    summary = {"conflicts": float(stats.conflicts.sum().item()) / 2}
     for i, a in enumerate(tasks):
         for j in range(i + 1, len(tasks)):
-            summary[f"pcgrad_cos_{a}_{tasks[j]}"] = float(stats.cosine[i, j])
+            summary[f"cos_{a}_{tasks[j]}"] = float(stats.cosine[i, j])
+    weights = stats.weights.reshape(-1, len(tasks)).double().mean(0)
+    for task, weight in zip(tasks, weights.tolist(), strict=True):
+        summary[f"weight_{task}"] = weight
     return summary
 
 
@@ -692,7 +638,7 @@ def train(
     --keep-checkpoint keeps; without it the change is refused by name.
     """
     if resume:
-        finished = (ranks or Ranks()).on_main(lambda: _finished_run(Path(out_dir), config))
+        finished = (ranks or Ranks()).on_main(lambda: _finished_run(RunFolder(out_dir), config))
         if finished is not None:
             return finished
     trainer = Trainer(
@@ -702,30 +648,13 @@ def train(
     return trainer.run()
 
 
-def _finished_run(out: Path, config: TrainConfig) -> dict[str, Any] | None:
-    """final.json of a finished run that --resume leaves as it is; None to train on.
-
-    final.json exists only while the run is at its end (a run resumed past it removes
-    the file), so a kept checkpoint beside it is at the same step.
-    """
-    if not (out / FINAL).is_file() or not (out / CONFIG).is_file():
+def _finished_run(folder: RunFolder, config: TrainConfig) -> dict[str, Any] | None:
+    """final.json of a finished run that --resume leaves as it is (see
+    :meth:`RunFolder.finished_unchanged`), under the folder's lock; None to train on."""
+    if not folder.is_finished():
         return None
-    saved = load_config(out / CONFIG)
-    changed = sorted(k for k, v in saved.to_dict().items() if config.to_dict()[k] != v)
-    refused = [k for k in changed if k not in RESUMABLE]
-    if refused:  # the CLI refuses these first, with the values; this guards train()
-        raise RunDirError(
-            f"--resume: settings differ from the run in {out} ({', '.join(refused)}); "
-            f"a resumed run keeps its settings (only {', '.join(RESUMABLE)} may change)"
-        )
-    if changed and (out / CHECKPOINT).is_file():
-        return None  # the Trainer applies them (or refuses fewer steps than were done)
-    final: dict[str, Any] = json.loads((out / FINAL).read_text(encoding="utf-8"))
-    if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise RunDirError(
-            f"--resume: {out} finished at step {final.get('step')} and its {CHECKPOINT} was "
-            f"deleted (train with --keep-checkpoint to keep it), so it cannot train further; "
-            f"{flags} cannot change"
-        )
-    return final
+    folder.acquire("train --resume")
+    try:
+        return folder.finished_unchanged(config)
+    finally:
+        folder.release()

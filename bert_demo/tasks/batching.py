@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bert_demo.data import Example, PairExample, SentenceExample, reverse_pairs
+from bert_demo.model.tokenizer import WordPieceTokenizer
 from bert_demo.tasks import TASKS, get_task
-from bert_demo.tokenizer import WordPieceTokenizer
+from bert_demo.tasks.data import Example, PairExample, SentenceExample, reverse_pairs
 
 __all__ = ["Example", "TaskBatch", "batch_indices", "batches_per_pass", "eval_batches",
            "example_length", "make_batch"]

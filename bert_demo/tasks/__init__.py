@@ -9,7 +9,7 @@ Every other module reads a :class:`Task` from :data:`TASKS` instead of branching
 a task's name, so adding a task is one record here plus its batch-size setting in
 :class:`bert_demo.config.TrainConfig`.
 
-The data files are tab-separated (see :mod:`bert_demo.data`), named
+The data files are tab-separated (see :mod:`bert_demo.tasks.data`), named
 ``<file_prefix>-<split>.csv``; columns are found by header name.
 """
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bert_demo.metrics import accuracy, overall_score, pearson
+from bert_demo.tasks.metrics import accuracy, overall_score, pearson
 
 TaskKind = Literal["classes", "binary", "score"]
 

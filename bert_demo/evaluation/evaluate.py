@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from bert_demo.batching import Example, eval_batches
-from bert_demo.metrics import accuracy, overall_score, pearson
-from bert_demo.multitask import MultitaskBert
-from bert_demo.run_dir import atomic_write
+from bert_demo.model.multitask import MultitaskBert
+from bert_demo.model.tokenizer import WordPieceTokenizer
+from bert_demo.run_folder.safe_write import atomic_write
 from bert_demo.tasks import get_task, overall
-from bert_demo.tokenizer import WordPieceTokenizer
+from bert_demo.tasks.batching import Example, eval_batches
+from bert_demo.tasks.metrics import accuracy, overall_score, pearson
 
 __all__ = ["TaskPredictions", "accuracy", "evaluate", "evaluate_with_predictions",
            "overall_score", "pearson", "predict_task", "write_predictions"]
@@ -139,7 +139,8 @@ def evaluate_with_predictions(
     return metrics, results
 
 
-def write_predictions(path: str | os.PathLike[str], result: TaskPredictions) -> Path:
+def write_predictions(path: str | os.PathLike[str], result: TaskPredictions,
+                      root: str | os.PathLike[str] | None = None) -> Path:
     """Write ``id,<prediction>,<outputs>`` rows (one per input row, input order) atomically.
 
     The outputs are the task's probabilities or unclipped score
@@ -149,7 +150,7 @@ def write_predictions(path: str | os.PathLike[str], result: TaskPredictions) -> 
     values = task.output_values(result.outputs).tolist()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, root) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["id", task.prediction_column, *task.output_columns()])
         for example_id, value, row in zip(result.ids, result.predicted, values, strict=True):

@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from bert_demo.run_dir import atomic_write
+from bert_demo.run_folder.safe_write import write_bytes
+from bert_demo.tasks import PAPER_TASKS, TASKS, Task
 
 LAST_WEIGHTS = "model.safetensors"
 BEST_WEIGHTS = "best.safetensors"
@@ -57,13 +59,15 @@ class WeightsInfo:
 
 def save_weights(model: nn.Module, path: str | os.PathLike[str], info: WeightsInfo) -> Path:
     """Write the model's state dict (on the CPU, contiguous) and ``info``, atomically."""
-    from safetensors.torch import save_file
+    return write_bytes(path, weights_bytes(model, info))
+
+
+def weights_bytes(model: nn.Module, info: WeightsInfo) -> bytes:
+    """The safetensors file of ``model``'s state dict (on the CPU, contiguous) and ``info``."""
+    from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp), metadata=info.to_metadata())
-    return path
+    return save(state, metadata=info.to_metadata())
 
 
 def read_info(path: str | os.PathLike[str]) -> WeightsInfo:
@@ -82,40 +86,22 @@ def read_weights(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], Weigh
     return load_file(str(path), device="cpu"), info
 
 
-def selection_score(metrics: dict[str, float]) -> float:
-    """What "best" maximises: the overall dev score (the mean metric when it is absent)."""
+def selection_score(metrics: dict[str, float], tasks: Sequence[str] | None = None) -> float:
+    """What "best" maximises: the overall dev score when the run trained the paper's three
+    tasks; else the mean of its trained tasks' scores (Pearson's r as (r + 1) / 2, as in
+    the overall), so that untrained heads do not choose the weights.
+
+    Without ``tasks`` (or when none of them has a score): the overall score, else the mean.
+    """
+    if tasks is not None and not set(PAPER_TASKS) <= set(tasks):
+        scores = [_unit_score(TASKS[t], metrics[TASKS[t].metric_name]) for t in tasks
+                  if TASKS[t].metric_name in metrics]
+        if scores:
+            return sum(scores) / len(scores)
     if "overall" in metrics:
         return metrics["overall"]
     return sum(metrics.values()) / len(metrics) if metrics else math.nan
 
 
-class BestWeights:
-    """Keeps ``best.safetensors`` at the evaluation with the highest :func:`selection_score`.
-
-    The score to beat is read back from the file, so a resumed run goes on comparing
-    against the best of its first part. Ties keep the earlier weights; NaN never wins.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / BEST_WEIGHTS
-        self.info = read_info(self.path) if self.path.is_file() else None
-
-    @property
-    def score(self) -> float:
-        return -math.inf if self.info is None else selection_score(self.info.metrics)
-
-    def consider(self, model: nn.Module, info: WeightsInfo) -> bool:
-        """Save ``model`` when ``info.metrics`` beat the best so far; returns whether it did."""
-        score = selection_score(info.metrics)
-        if not score > self.score:  # also False for NaN
-            return False
-        save_weights(model, self.path, info)
-        self.info = info
-        return True
-
-    def summary(self) -> dict[str, Any] | None:
-        """final.json's ``best`` entry."""
-        if self.info is None:
-            return None
-        return {"file": BEST_WEIGHTS, "step": self.info.step, "epoch": self.info.epoch,
-                "dev": self.info.metrics}
+def _unit_score(task: Task, value: float) -> float:
+    return (value + 1) / 2 if task.kind == "score" else value

@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bert_demo.run_folder.safe_write import refuse_links
+
 TENSORBOARD_DIR = "tensorboard"
 # Record fields that place a record rather than measure something.
 _NOT_SCALARS = ("event", "step")
@@ -48,7 +50,9 @@ class TensorBoardLog:
 
         # purge_step: TensorBoard hides what an earlier writer logged from the first step
         # this writer will log on (a resumed run logs those steps again; a new run, all).
-        self.writer = SummaryWriter(log_dir=str(run / TENSORBOARD_DIR), purge_step=first_step)
+        # A run from elsewhere must not send the event files out of it through a link.
+        log_dir = refuse_links(run / TENSORBOARD_DIR, run)
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=first_step)
 
     @property
     def active(self) -> bool:

@@ -9,7 +9,7 @@ over seeds, the paper's numbers beside, paired differences against the finetune
 baseline and what they say about the report's conclusions) goes to
 OUT/ablation.md, the numbers to OUT/ablation.json and the paired differences,
 drawn with both their intervals, to OUT/differences.png
-(:mod:`bert_demo.ablation_figure`).
+(:mod:`bert_demo.ablation.figure`).
 """
 
 from __future__ import annotations
@@ -23,17 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bert_demo.ablation_conclusions import conclusions
-from bert_demo.ablation_stats import Comparison, Run, compare
+from bert_demo.ablation.conclusions import conclusions
+from bert_demo.ablation.stats import Comparison, Run, compare
 from bert_demo.config import TrainConfig
-from bert_demo.dev_predictions import DEV_PREDICTIONS, read_dev_predictions
-from bert_demo.run_dir import CHECKPOINT, FINAL, resolve_device
-from bert_demo.speed import resolve_precision, threads_for_jobs
+from bert_demo.run_folder.folder import RunFolder, changed_settings
+from bert_demo.run_folder.run_dir import resolve_device
+from bert_demo.run_folder.safe_write import atomic_write, write_text
 from bert_demo.tasks import PAPER_TASKS, TASKS
+from bert_demo.training.speed import resolve_precision, threads_for_jobs
 
 
 class TrainFunction(Protocol):
-    """:func:`bert_demo.train.train` (the CLI passes it in; tests pass a stand-in)."""
+    """:func:`bert_demo.training.train.train` (the CLI passes it in; tests pass a stand-in)."""
 
     def __call__(self, config: TrainConfig, out_dir: Path, *, resume: bool,
                  device: str | None, progress: bool) -> Any: ...
@@ -57,21 +58,23 @@ PAPER_ROWS: tuple[Row, ...] = (
         aliases=("pretrain",)),
     Row("finetune baseline", "finetune", {}),
     Row("SMART", "smart", {"smart": True}),
-    Row("PCGrad", "pcgrad", {"pcgrad": True}),
+    Row("PCGrad", "pcgrad", {"aggregator": "pcgrad"}),
     Row("stsAug", "stsaug", {"sts_aug": True}),
-    Row("SMART + PCGrad", "smart-pcgrad", {"smart": True, "pcgrad": True}),
+    Row("SMART + PCGrad", "smart-pcgrad", {"smart": True, "aggregator": "pcgrad"}),
     Row("SMART + stsAug", "smart-stsaug", {"smart": True, "sts_aug": True}),
-    Row("PCGrad + stsAug", "pcgrad-stsaug", {"pcgrad": True, "sts_aug": True}),
-    Row("SMART + PCGrad + stsAug", "all", {"smart": True, "pcgrad": True, "sts_aug": True}),
+    Row("PCGrad + stsAug", "pcgrad-stsaug", {"aggregator": "pcgrad", "sts_aug": True}),
+    Row("SMART + PCGrad + stsAug", "all",
+        {"smart": True, "aggregator": "pcgrad", "sts_aug": True}),
 )
-# Beyond the paper: its future work, MNRL (see bert_demo.mnrl) on top of its best
+# Beyond the paper: its future work, MNRL (see bert_demo.training.mnrl) on top of its best
 # combination, and another gradient aggregator in PCGrad's place.
 MNRL_ROW_WEIGHT = 0.5  # not tuned: MNRL starts near log(batch) ~ 2.8, BCE near 0.7
 ROW_AGGREGATOR = "upgrad"  # gradtools.aggregation's UPGrad (Quinton & Rey 2024)
 ROW_AGGREGATOR_NAME = "UPGrad"
 EXTRA_ROWS: tuple[Row, ...] = (
     Row("+MNRL (SMART + PCGrad + stsAug + MNRL)", "all-mnrl",
-        {"smart": True, "pcgrad": True, "sts_aug": True, "mnrl_weight": MNRL_ROW_WEIGHT}),
+        {"smart": True, "aggregator": "pcgrad", "sts_aug": True,
+         "mnrl_weight": MNRL_ROW_WEIGHT}),
     Row(f"SMART + {ROW_AGGREGATOR_NAME} + stsAug", f"smart-{ROW_AGGREGATOR}-stsaug",
         {"smart": True, "aggregator": ROW_AGGREGATOR, "sts_aug": True}),
 )
@@ -117,7 +120,7 @@ COMPARABILITY = (
 
 def row_config(base: TrainConfig, row: Row, seed: int) -> TrainConfig:
     """The base settings with the row's methods switched on (and only those)."""
-    methods = {"smart": False, "pcgrad": False, "sts_aug": False, "mnrl_weight": 0.0,
+    methods = {"smart": False, "sts_aug": False, "mnrl_weight": 0.0,
                "aggregator": None, "mode": "finetune", "tasks": base.tasks}
     extra = {**base.extra, "ablation_row": row.name}
     return base.with_overrides(**{**methods, **row.overrides, "seed": seed, "extra": extra})
@@ -176,7 +179,7 @@ def run_ablation(
 
     ``jobs > 1`` trains that many runs at once in spawned processes with
     ``threads // jobs`` torch threads each (``train`` must then be importable, like
-    bert_demo.train.train). Raises :class:`AblationFailed` after writing the table
+    bert_demo.training.train.train). Raises :class:`AblationFailed` after writing the table
     of the finished runs when some run failed.
     """
     if seeds < 1:
@@ -185,12 +188,14 @@ def run_ablation(
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     selected = select_rows(rows)
     out.mkdir(parents=True, exist_ok=True)
+    # Every run already there (finished, or to be resumed) must have this ablation's settings.
+    check_same_settings(base, out, selected, seeds)
     pending = [] if table_only else [
-        _Job(row, seed, out / row.slug / f"seed{seed}",
-             (out / row.slug / f"seed{seed}" / CHECKPOINT).is_file())
+        _Job(row, seed, run_folder(out, row, seed).path,
+             run_folder(out, row, seed).has_checkpoint())
         # Seed-major, so an ablation stopped part-way has every row at the first seeds.
         for seed in range(seeds) for row in selected
-        if not (out / row.slug / f"seed{seed}" / FINAL).is_file()
+        if not run_folder(out, row, seed).is_finished()
     ]
     if pending:
         check_one_precision(out, base.precision, device)
@@ -226,13 +231,49 @@ def run_ablation(
     return table
 
 
+def run_folder(out: Path, row: Row, seed: int) -> RunFolder:
+    return RunFolder(out / row.slug / f"seed{seed}")
+
+
+# Settings a run's own config may differ in from its row's: the free-form notes (the row's
+# name, which may have been reworded), and --precision as asked (auto, bf16, fp32), which
+# check_one_precision compares as it resolved (final.json's "precision").
+NOT_COMPARED = ("extra", "precision")
+
+
+def check_same_settings(base: TrainConfig, out: Path, rows: tuple[Row, ...], seeds: int) -> None:
+    """Refuse runs in ``out`` trained with other settings than ``base`` gives their row and
+    seed: averaging them into one cell, under a table that names ``base``'s settings,
+    would report numbers of settings nobody asked for."""
+    for seed in range(seeds):
+        for row in rows:
+            folder = run_folder(out, row, seed)
+            if not folder.holds_run():
+                continue
+            saved, expected = folder.saved_config(), row_config(base, row, seed)
+            changed = changed_settings(saved, expected, ignore=NOT_COMPARED)
+            if changed:
+                shown = ", ".join(f"{k} {_shown(getattr(expected, k))} (the run has "
+                                  f"{_shown(getattr(saved, k))})" for k in changed)
+                raise ValueError(
+                    f"--out {out}: {folder.path} was trained with other settings than this "
+                    f"ablation gives it: {shown}. Pass the settings it was trained with, or "
+                    "another --out")
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
 def finished_precisions(out: Path) -> set[str]:
     """The precisions the finished runs in ``out`` trained in (as their final.json says)."""
     found = set()
-    for path in out.glob(f"*/seed*/{FINAL}"):
-        precision = json.loads(path.read_text()).get("precision")
-        if precision is not None:
-            found.add(precision)
+    for folder in sorted(out.glob("*/seed*")):
+        run = RunFolder(folder)
+        if run.is_finished():
+            precision = run.final().get("precision")
+            if precision is not None:
+                found.add(precision)
     return found
 
 
@@ -279,13 +320,13 @@ def load_runs(out: Path, row: Row, seeds: int) -> list[tuple[Run, dict[str, Any]
     """The finished runs of ``row`` among seeds 0..seeds-1, with their final.json."""
     runs = []
     for seed in range(seeds):
-        folder = out / row.slug / f"seed{seed}"
-        if not (folder / FINAL).is_file():
+        folder = run_folder(out, row, seed)
+        if not folder.is_finished():
             continue
-        final = json.loads((folder / FINAL).read_text())
-        predictions = (read_dev_predictions(folder / DEV_PREDICTIONS)
-                       if (folder / DEV_PREDICTIONS).is_file() else None)
-        runs.append((Run(seed, dev_scores(final), predictions), final))
+        final = folder.final()
+        # A finished run without its weights (a committed ablation) is still finished: its
+        # predictions file is taken as its best weights'.
+        runs.append((Run(seed, dev_scores(final), folder.final_predictions()), final))
     return runs
 
 
@@ -314,15 +355,16 @@ def write_outputs(base: TrainConfig, out: Path, rows: tuple[Row, ...], seeds: in
     document = {"rows": summary,
                 "conclusions": [{"number": c.number, "claim": c.claim, "status": c.status,
                                  "evidence": c.evidence} for c in found]}
-    (out / "ablation.json").write_text(json.dumps(document, indent=2) + "\n")
+    # Whole or not at all, and never through a link the folder holds (see safe_write).
+    write_text(out / "ablation.json", json.dumps(document, indent=2) + "\n")
     table = out / "ablation.md"
     text = markdown_table(summary, base, seeds)
     text += progress_section(finals, len(rows) * seeds, command)
     text += differences_table(differences)
     text += conclusions_section(found)
-    table.write_text(text)
-    # Imported here: bert_demo.ablation_figure imports this module's paper numbers.
-    from bert_demo.ablation_figure import DIFFERENCES_FIGURE, plot_differences
+    write_text(table, text)
+    # Imported here: bert_demo.ablation.figure imports this module's paper numbers.
+    from bert_demo.ablation.figure import DIFFERENCES_FIGURE, plot_differences
 
     plot_differences(summary, out / DIFFERENCES_FIGURE, title=f"{out.name}: row − finetune "
                      "baseline on dev, mean over the seeds both ran")

@@ -132,7 +132,7 @@ def _read_rows(
         raise ValueError(f"empty_text must be 'error', 'skip' or 'keep', got {empty_text!r}")
     rows: list[tuple[str, list[str], float | None]] = []
     skipped: dict[str, list[int]] = {}  # reason -> lines
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM (Excel, Notepad) is no part of the header
         lines = _csv_rows(path, f)
         try:
             _, header = next(lines)
@@ -270,7 +270,7 @@ def find_data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
         candidates, origin = [Path(os.environ["BERT_DEMO_DATA"])], "$BERT_DEMO_DATA"
     else:
         candidates, origin = [Path.cwd().parent / "shared" / "data"], "the default"
-        repo_root = Path(__file__).resolve().parent.parent
+        repo_root = Path(__file__).resolve().parents[2]  # bert_demo/tasks/data.py
         # Only a source checkout has a repository root; from an installed wheel this
         # folder is site-packages, and nothing beside it is the data.
         if (repo_root / "pyproject.toml").is_file():

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from bert_demo.run_dir import atomic_write, write_json
+from bert_demo.run_folder.safe_write import UnsafePath, read_bytes, write_bytes, write_json
 
 ENCODER_FILES_DIR = "encoder"
 SOURCE = "source.json"
@@ -43,17 +42,38 @@ def copy_model_files(model_folder: Path, run: Path, source: str | None) -> Path:
             if name in REQUIRED:
                 raise FileNotFoundError(f"model folder {model_folder} has no {name}")
             continue
-        with atomic_write(target / name) as tmp:
-            shutil.copyfile(src, tmp)
-        hashes[name] = sha256(src)
-    write_json(target / SOURCE, {"model": source, "folder": str(model_folder), "sha256": hashes})
+        data = src.read_bytes()  # the user's own model folder: links there are theirs
+        write_bytes(target / name, data, run)
+        hashes[name] = hashlib.sha256(data).hexdigest()
+    write_json(target / SOURCE, {"model": source, "folder": str(model_folder), "sha256": hashes},
+               run)
     return target
 
 
 def encoder_files(run: Path) -> Path | None:
-    """``run/encoder`` when the run holds its own tokenizer files (runs before it did not)."""
+    """``run/encoder`` when the run holds its own tokenizer files (runs before it did not).
+
+    A link among them (or ``encoder`` itself a link) is refused: a run from elsewhere must
+    not make the tokenizer, or ``export``, read a file outside it.
+    """
     folder = run / ENCODER_FILES_DIR
-    return folder if (folder / "vocab.txt").is_file() else None
+    if folder.is_symlink():
+        raise UnsafePath(f"{folder} is a symbolic link; bert_demo does not read a run's files "
+                         "through links")
+    if not (folder / "vocab.txt").is_file():
+        return None
+    for name in (*REQUIRED, *OPTIONAL):
+        if (folder / name).is_symlink():
+            raise UnsafePath(f"{folder / name} is a symbolic link; bert_demo does not read a "
+                             "run's files through links")
+    return folder
+
+
+def known_files(folder: Path) -> dict[str, bytes]:
+    """The tokenizer and config files of an encoder folder that exist, by name, read without
+    following links (what export copies: nothing else the folder may hold)."""
+    return {name: read_bytes(folder / name) for name in (*REQUIRED, *OPTIONAL)
+            if (folder / name).exists() or (folder / name).is_symlink()}
 
 
 def read_source(run: Path) -> dict[str, Any]:

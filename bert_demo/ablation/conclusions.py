@@ -1,6 +1,6 @@
 """The report's four conclusions, each marked confirmed / refuted / inconclusive by our runs.
 
-Each check compares rows with :func:`bert_demo.ablation_stats.compare` and takes a
+Each check compares rows with :func:`bert_demo.ablation.stats.compare` and takes a
 difference as real only when its seed interval and its dev-example bootstrap
 interval both exclude zero (:attr:`Comparison.verdict`). A conclusion is
 *confirmed* when the differences it claims are real, *refuted* when real
@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from bert_demo.ablation_stats import BOOTSTRAP_REPLICATES, Comparison, Run
-from bert_demo.ablation_stats import compare as _compare
+from bert_demo.ablation.stats import BOOTSTRAP_REPLICATES, Comparison, Run
+from bert_demo.ablation.stats import compare as _compare
 
 Status = Literal["confirmed", "refuted", "inconclusive"]
 Compare = Callable[[Sequence[Run], Sequence[Run]], dict[str, Comparison]]
 TASK_METRICS = ("sst_acc", "para_acc", "sts_pearson")
 
-# Row slugs (see bert_demo.ablate.ROWS) the conclusions read.
+# Row slugs (see bert_demo.ablation.ablate.ROWS) the conclusions read.
 BASELINE = "finetune"
 SINGLES = ("smart", "pcgrad", "stsaug")
 COMBINATIONS = {"smart-pcgrad": ("smart", "pcgrad"), "smart-stsaug": ("smart", "stsaug"),

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bert_demo.dev_predictions import DevPredictions
+from bert_demo.run_folder.dev_predictions import DevPredictions
 
 TASK_METRICS = {"sst": "sst_acc", "para": "para_acc", "sts": "sts_pearson"}
 METRICS = ("sst_acc", "para_acc", "sts_pearson", "overall")

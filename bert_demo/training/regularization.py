@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 import gradtools
-from bert_demo.batching import TaskBatch
-from bert_demo.multitask import MultitaskBert
+from bert_demo.model.multitask import MultitaskBert
 from bert_demo.tasks import get_task
+from bert_demo.tasks.batching import TaskBatch
 
 if TYPE_CHECKING:
     from bert_demo.config import TrainConfig

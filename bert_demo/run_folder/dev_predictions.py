@@ -4,7 +4,7 @@
 Quora 0/1, STS score to 4 decimals), gzip'd without a timestamp so that the same
 predictions give the same bytes. About 4,000 rows, ~60 KB: small enough to commit
 with an ablation, and what the bootstrap over dev examples in
-:mod:`bert_demo.ablation_stats` resamples.
+:mod:`bert_demo.ablation.stats` resamples.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bert_demo.run_dir import atomic_write
+from bert_demo.run_folder.safe_write import write_bytes
 
 if TYPE_CHECKING:  # evaluate needs the demo extra (tqdm); ablate's table does not
-    from bert_demo.evaluate import TaskPredictions
+    from bert_demo.evaluation.evaluate import TaskPredictions
 
 DEV_PREDICTIONS = "dev_predictions.csv.gz"
 COLUMNS = ["task", "id", "prediction", "gold"]
@@ -44,6 +44,11 @@ def write_dev_predictions(
     path: str | os.PathLike[str], results: Mapping[str, TaskPredictions]
 ) -> Path:
     """Write every labeled task's predictions atomically (unlabeled tasks are skipped)."""
+    return write_bytes(path, dev_predictions_bytes(results))
+
+
+def dev_predictions_bytes(results: Mapping[str, TaskPredictions]) -> bytes:
+    """The gzip'd CSV of :func:`write_dev_predictions` (the same predictions, the same bytes)."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(COLUMNS)
@@ -53,10 +58,7 @@ def write_dev_predictions(
         for example_id, predicted, gold in zip(result.ids, result.predicted, result.gold,
                                                strict=True):
             writer.writerow([task, example_id, _number(predicted), _number(gold)])
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(gzip.compress(text.getvalue().encode("utf-8"), mtime=0))
-    return path
+    return gzip.compress(text.getvalue().encode("utf-8"), mtime=0)
 
 
 def read_dev_predictions(path: str | os.PathLike[str]) -> dict[str, DevPredictions]:
