@@ -26,11 +26,13 @@ from torch import Tensor
 
 from gradtools._collectives import collective_device
 from gradtools._graph_reach import _ACCUMULATE_GRAD
+from gradtools._task_gradients import GramItem, gram_blocks
 
 __all__ = [
     "FeatureBatch",
     "FeatureStep",
     "checked_features",
+    "feature_gram",
     "feature_reach",
     "reduce_gram",
 ]
@@ -169,8 +171,7 @@ def feature_gradients(
     its head parameters' gradients. The encoder graph is never entered, so it
     stays alive for the combined pass.
     """
-    num_tasks = len(losses)
-    grads = [torch.zeros((num_tasks, *h.shape), dtype=h.dtype, device=h.device) for h in features]
+    rows: list[list[Tensor | None]] = [[None] * len(losses) for _ in features]
     heads: list[dict[Tensor, Tensor]] = []
     for task, loss in enumerate(losses):
         used = reach.features[task]
@@ -179,17 +180,49 @@ def feature_gradients(
         keep = reach.needed_later[task] if retain_graph is None else retain_graph
         results = torch.autograd.grad(loss, inputs, retain_graph=keep, allow_unused=True)
         for k, g in zip(used, results[: len(used)], strict=True):
-            if g is not None:
-                grads[k][task].copy_(g)
+            rows[k][task] = g
         heads.append(
             {p: g for p, g in zip(params, results[len(used) :], strict=True) if g is not None}
         )
+    # One stacked copy per feature (no zero-fill first): the Gram's matrix product
+    # and the combination both read the [T, n] rows.
+    grads = [
+        torch.stack([torch.zeros_like(h) if g is None else g for g in per_task])
+        for h, per_task in zip(features, rows, strict=True)
+    ]
     return grads, heads
 
 
-def batch_gram(grads: list[Tensor]) -> list[tuple[int, Tensor]]:
-    """The flat rows of each feature's gradients, as (feature, [T, n]) pairs for the Gram."""
-    return [(k, g.reshape(g.shape[0], -1)) for k, g in enumerate(grads)]
+# Columns per matrix product: each chunk's float32 product is summed in float64,
+# so rounding grows with the chunk, not with the number of features.
+_GRAM_CHUNK = 1 << 16
+
+
+def feature_gram(grads: list[Tensor]) -> Tensor:
+    """The ``[T, T]`` Gram matrix (float64, CPU) of the rows of ``grads`` (one ``[T, ...]`` per feature).
+
+    The rows are already side by side, so this is a few matrix products on the
+    device (no copy), each chunk's product added in float64. When the float32
+    result may be inaccurate (non-finite, or squared norms down where float32's
+    products turn subnormal) it falls back to the wrapper's careful
+    :func:`gradtools._task_gradients.gram_blocks`.
+    """
+    num_tasks = grads[0].shape[0]
+    flats = [g.reshape(num_tasks, -1) for g in grads]
+    total = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=flats[0].device)
+    for flat in flats:
+        wide = flat if flat.dtype == torch.float64 else flat.float()
+        for start in range(0, wide.shape[1], _GRAM_CHUNK):
+            chunk = wide[:, start : start + _GRAM_CHUNK]
+            total += (chunk @ chunk.T).double()
+    gram = total.cpu()
+    numel = sum(f.shape[1] for f in flats)
+    floor = numel * torch.finfo(torch.float32).tiny * 2.0**26
+    if bool(torch.isfinite(gram).all()) and bool((gram.diagonal() >= floor).all()):
+        return gram
+    items = [GramItem([(t, row) for t, row in enumerate(f)], f.shape[1]) for f in flats]
+    careful = gram_blocks(items, num_tasks)
+    return torch.ldexp(careful.blocks.sum(0), torch.tensor(2 * careful.log2_unit))
 
 
 def reduce_gram(gram: Tensor, group: dist.ProcessGroup) -> Tensor:

@@ -51,10 +51,10 @@ from gradtools._feature_gradients import (
     average_grads,
     checked_features,
     feature_gradients,
+    feature_gram,
     feature_reach,
     reduce_gram,
 )
-from gradtools._task_gradients import GramItem, gram_blocks
 from gradtools.multitask_stats import nonfinite_stats, step_stats
 
 if TYPE_CHECKING:
@@ -127,14 +127,7 @@ def backward_with_features(
             _check_heads_not_shared([set(h) for h in heads], params)
         _accumulate_heads(state, heads)
         with record_function(f"{name}.gram"):
-            items = [
-                GramItem(
-                    [(t, row) for t, row in enumerate(g.reshape(len(losses), -1))], g[0].numel()
-                )
-                for g in grads
-            ]
-            gram = gram_blocks(items, len(losses))
-            local = torch.ldexp(gram.blocks.sum(0), torch.tensor(2 * gram.log2_unit))
+            local = feature_gram(grads)
         assert state.features is not None
         step = state.features
         step.gram = local if step.gram is None else step.gram + local

@@ -366,3 +366,16 @@ def test_features_need_granularity_all_and_one_kind_per_step() -> None:
     opt.backward(net.losses(h, y), features=h)
     with pytest.raises(ValueError, match="pass features= on every call"):
         opt.backward(net.losses(net.encoder(x), y))
+
+
+def test_tiny_feature_gradients_give_the_same_weights() -> None:
+    """Losses scaled by 1e-30: float32 products of the feature gradients underflow, so the
+    Gram is recomputed carefully and the (scale-free) weights do not change."""
+    net, x, y = make(6)
+    opt = wrapper_grads(net, x, y, agg.UPGrad())
+    assert opt.stats is not None
+    expected = opt.stats.weights.clone()
+    opt.zero_grad()
+    h = net.encoder(x)
+    opt.backward([1e-30 * loss for loss in net.losses(h, y)], features=h)
+    torch.testing.assert_close(opt.stats.weights, expected, rtol=1e-5, atol=1e-7)
