@@ -102,7 +102,10 @@ def make_variants(name: str, num_tasks: int, torchjd: bool) -> dict[str, Callabl
 
     variants["gradtools exact, batched"] = _batched_exact(base, name, x, ys)
     if torchjd:
-        variants.update(_torchjd_variants(base, name, x, ys))
+        try:
+            variants.update(_torchjd_variants(base, name, x, ys))
+        except ImportError as error:  # torchjd's UPGrad needs qpsolvers + quadprog
+            print(f"torchjd {name}: skipped ({error})", file=sys.stderr)
     return variants
 
 
