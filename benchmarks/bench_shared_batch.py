@@ -19,7 +19,9 @@ for each aggregator (UPGrad and MGDA by default) and each T:
   losses w.r.t. the encoder + its weighting + ``losses.backward(weights)``.
 
 Ratios are paired: each variant's time over the plain step's in the same round,
-then the median over rounds. The T x T solve alone (the aggregator on a fixed
+then the median over rounds, for wall time and for the thread's CPU time (the
+latter leaves out the waits for a core on a loaded machine). ``gradtools
+features= (Mean: no solve)`` runs the same pipeline with a free solve. The T x T solve alone (the aggregator on a fixed
 Gram of the feature gradients) is timed apart.
 
     .venv/bin/python benchmarks/bench_shared_batch.py [--tasks 2 10 40] [--repeats 9]
@@ -45,10 +47,10 @@ import gradtools
 from gradtools import aggregation as agg
 
 try:
-    from benchmarks.timing import median_ms, time_interleaved
+    from benchmarks.timing import median_ms
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.timing import median_ms, time_interleaved
+    from benchmarks.timing import median_ms
 
 BATCH = 128
 WIDTHS = (256, 512, 512, 512)
@@ -100,6 +102,17 @@ def make_variants(name: str, num_tasks: int, torchjd: bool) -> dict[str, Callabl
 
         variants[label] = ours
 
+    # The same pipeline with a solve that costs nothing: what the plumbing costs.
+    net = copy.deepcopy(base)
+    mean_opt = gradtools.MultiTask(torch.optim.AdamW(net.parameters(), lr=1e-4), agg.Mean())
+
+    def no_solve(net: SharedBatchNet = net, opt: gradtools.MultiTask = mean_opt) -> None:
+        opt.zero_grad()
+        h = net.encoder(x)
+        opt.backward(net.losses(h, ys), features=h)
+        opt.step()
+
+    variants["gradtools features= (Mean: no solve)"] = no_solve
     variants["gradtools exact, batched"] = _batched_exact(base, name, x, ys)
     if torchjd:
         try:
@@ -182,6 +195,28 @@ def _torchjd_variants(
     return variants
 
 
+def time_both_clocks(
+    variants: dict[str, Callable[[], None]], repeats: int, warmup: int = 2
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Round-robin like benchmarks/timing.py, recording wall time and this thread's CPU time.
+
+    On a machine shared with other jobs, wall time includes waiting for a core;
+    the thread's CPU time does not (it still includes cache and memory contention).
+    """
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start_wall, start_cpu = time.perf_counter(), time.thread_time()
+            fn()
+            cpu[name].append(time.thread_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start_wall)
+    return wall, cpu
+
+
 def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
     return {
         name: statistics.median(t / p for t, p in zip(samples, times["plain"], strict=True))
@@ -205,9 +240,9 @@ def solve_ms(name: str, num_tasks: int, repeats: int) -> float:
     aggregator = agg.from_name(name)
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         aggregator.weights(gram, torch.Generator().manual_seed(0))
-        samples.append(time.perf_counter() - start)
+        samples.append(time.thread_time() - start)
     return median_ms(samples)
 
 
@@ -227,15 +262,19 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.aggregators:
         for num_tasks in args.tasks:
             variants = make_variants(name, num_tasks, not args.no_torchjd)
-            times = time_interleaved(variants, repeats=args.repeats, warmup=2)
-            ratios = paired_ratios(times)
+            wall, cpu = time_both_clocks(variants, repeats=args.repeats)
+            wall_ratios, cpu_ratios = paired_ratios(wall), paired_ratios(cpu)
+            solve = solve_ms(name, num_tasks, args.repeats)
+            print(f"\n{name}, T = {num_tasks}: (T x T solve alone: {solve:.2f} ms CPU)")
             print(
-                f"\n{name}, T = {num_tasks}: (T x T solve alone: "
-                f"{solve_ms(name, num_tasks, args.repeats):.2f} ms)"
+                "| variant | median wall ms | / plain, wall | median CPU ms | / plain, CPU |\n"
+                "|---|---:|---:|---:|---:|"
             )
-            print("| variant | median ms | / plain (paired) |\n|---|---:|---:|")
-            for label, samples in times.items():
-                print(f"| {label} | {median_ms(samples):.1f} | {ratios[label]:.2f}x |")
+            for label in variants:
+                print(
+                    f"| {label} | {median_ms(wall[label]):.1f} | {wall_ratios[label]:.2f}x | "
+                    f"{median_ms(cpu[label]):.1f} | {cpu_ratios[label]:.2f}x |"
+                )
             sys.stdout.flush()
 
 
