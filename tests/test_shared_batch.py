@@ -379,3 +379,23 @@ def test_tiny_feature_gradients_give_the_same_weights() -> None:
     h = net.encoder(x)
     opt.backward([1e-30 * loss for loss in net.losses(h, y)], features=h)
     torch.testing.assert_close(opt.stats.weights, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_shared_op_between_features_and_heads_is_kept_for_every_task() -> None:
+    """relu(h) shared by all heads: its graph must survive the first task's head pass, and
+    the feature gradients w.r.t. h are the ones the aggregator sees."""
+    net, x, y = make(7)
+    opt = gradtools.MultiTask(torch.optim.SGD(net.parameters(), lr=0.1), agg.UPGrad())
+    h = net.encoder(x)
+    rows = [
+        torch.autograd.grad(loss, h, retain_graph=True)[0].reshape(-1)
+        for loss in net.losses(torch.relu(h), y)
+    ]
+    d = torch.stack(rows).double()
+    opt.zero_grad()
+    h = net.encoder(x)
+    opt.backward(net.losses(torch.relu(h), y), features=h)
+    assert opt.stats is not None
+    torch.testing.assert_close(
+        opt.stats.weights, agg.UPGrad().weights((d @ d.T)[None])[0], rtol=1e-5, atol=1e-7
+    )
