@@ -91,15 +91,18 @@ class FeatureReach:
 def feature_reach(losses: list[Tensor], features: list[Tensor]) -> FeatureReach:
     """Walk each loss's graph down to the features (never below them).
 
-    A feature tensor is found by its ``grad_fn`` node (or, for a leaf, its
-    ``AccumulateGrad`` node); the walk does not enter the encoder behind it.
+    A feature tensor is found by its graph edge (its ``grad_fn`` and output
+    index, or a leaf's ``AccumulateGrad`` node); the walk does not enter the
+    encoder behind it.
     """
-    node_of: dict[Any, int] = {}
+    # Each feature's graph edge: its (grad_fn, output index), or a leaf's accumulator
+    # (two outputs of one node, e.g. torch.unbind, are two different features).
+    key_of: dict[tuple[Any, int], int] = {}
     for k, h in enumerate(features):
-        node = h.grad_fn
-        if node is None:  # a leaf feature: its accumulator is what the graph points to
-            node = h.view_as(h).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
-        node_of[node] = k
+        if h.grad_fn is None:
+            key_of[(h.view_as(h).grad_fn.next_functions[0][0], 0)] = k  # type: ignore[union-attr]
+        else:
+            key_of[(h.grad_fn, h.output_nr)] = k
     reached_features: list[list[int]] = []
     direct: list[set[Tensor]] = []
     needed_later = [False] * len(losses)
@@ -107,23 +110,24 @@ def feature_reach(losses: list[Tensor], features: list[Tensor]) -> FeatureReach:
     for task, loss in enumerate(losses):
         found: set[int] = set()
         leaves: set[Tensor] = set()
-        stack = [loss.grad_fn] if loss.grad_fn is not None else []
+        stack = []
+        own = key_of.get((loss.grad_fn, loss.output_nr))
+        if own is not None:  # the loss is itself a feature
+            found.add(own)
+        elif loss.grad_fn is not None:
+            stack.append(loss.grad_fn)
         while stack:
             node = stack.pop()
-            hit = node_of.get(node)
-            if hit is not None:
-                found.add(hit)
-                continue
             previous = last_visitor.get(node)
             if previous == task:
                 continue
             if previous is not None:
                 needed_later[previous] = True
             last_visitor[node] = task
-            for child, _ in node.next_functions:
+            for child, output_nr in node.next_functions:
                 if child is None:
                     continue
-                hit = node_of.get(child)
+                hit = key_of.get((child, output_nr))
                 if hit is not None:
                     found.add(hit)
                 elif type(child) is _ACCUMULATE_GRAD:

@@ -399,3 +399,42 @@ def test_a_shared_op_between_features_and_heads_is_kept_for_every_task() -> None
     torch.testing.assert_close(
         opt.stats.weights, agg.UPGrad().weights((d @ d.T)[None])[0], rtol=1e-5, atol=1e-7
     )
+
+
+def test_two_outputs_of_one_node_are_two_features() -> None:
+    """features=[a, b] with a, b = h.unbind(1)-style outputs of one autograd node: each task's
+    feature gradient lands on the right tensor (the node is shared, the outputs are not)."""
+    torch.manual_seed(8)
+    encoder = nn.Linear(5, 2 * 6)
+    heads = nn.ModuleList([nn.Linear(6, 1), nn.Linear(6, 1)])
+    x, y = torch.randn(7, 5), torch.randn(7)
+
+    def forward() -> tuple[list[Tensor], list[Tensor]]:
+        a, b = encoder(x).reshape(7, 2, 6).unbind(1)
+        return [F.mse_loss(heads[0](a).squeeze(-1), y), F.mse_loss(heads[1](b).squeeze(-1), -y)], [
+            a,
+            b,
+        ]
+
+    losses, (a, b) = forward()
+    rows = [
+        torch.cat(
+            [
+                g.reshape(-1)
+                for g in torch.autograd.grad(
+                    loss, [a, b], retain_graph=True, allow_unused=True, materialize_grads=True
+                )
+            ]
+        )
+        for loss in losses
+    ]
+    d = torch.stack(rows).double()
+    opt = gradtools.MultiTask(
+        torch.optim.SGD([*encoder.parameters(), *heads.parameters()], lr=0.1), agg.UPGrad()
+    )
+    losses, feats = forward()
+    opt.backward(losses, features=feats)
+    assert opt.stats is not None
+    torch.testing.assert_close(
+        opt.stats.weights, agg.UPGrad().weights((d @ d.T)[None])[0], rtol=1e-5, atol=1e-7
+    )
