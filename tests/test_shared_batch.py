@@ -438,3 +438,18 @@ def test_two_outputs_of_one_node_are_two_features() -> None:
     torch.testing.assert_close(
         opt.stats.weights, agg.UPGrad().weights((d @ d.T)[None])[0], rtol=1e-5, atol=1e-7
     )
+
+
+def test_step_combines_what_backward_left_pending() -> None:
+    results = []
+    for combine in (True, False):
+        net, x, y = make(9)
+        opt = gradtools.MultiTask(torch.optim.SGD(net.parameters(), lr=0.1), agg.MGDA())
+        opt.zero_grad()
+        h = net.encoder(x)
+        opt.backward(net.losses(h, y), features=h, combine=combine)
+        assert all(p.grad is None for p in net.parameters()) != combine
+        opt.step()
+        results.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
