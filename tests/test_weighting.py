@@ -111,6 +111,7 @@ def test_famo_matches_torchjd() -> None:
         _, w_mine = grad_wrt_losses(mine, before)
         _, w_ref = grad_wrt_losses(ref, before)
         torch.testing.assert_close(w_mine, w_ref)
+        assert math.isclose(float(mine.weights.sum()), 1.0, rel_tol=1e-6)  # a convex combination
         mine.update(after)
         ref.update(after)
         torch.testing.assert_close(mine.logits, ref._w.detach())
@@ -161,6 +162,7 @@ def test_gradnorm_follows_eq_2_of_the_paper() -> None:
         (w_grad,) = torch.autograd.grad((g - target).abs().sum(), w)
         torch.testing.assert_close(mine.loss_weights.grad, w_grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(mine.weights, w.detach())
+        assert math.isclose(float(mine.weights.sum()), T, rel_tol=1e-6)  # renormalised to T
         (w.detach() * losses).sum().backward()
         w.grad = w_grad
         loss.backward()
@@ -251,3 +253,20 @@ def test_bad_input_is_named() -> None:
         wt.FAMO(T)(torch.tensor([1.0, -1.0, 2.0]))
     with pytest.raises(ValueError, match="temperature must be > 0"):
         wt.DWA(T, temperature=0.0)
+
+
+def test_imtl_l_drives_every_scaled_loss_to_one() -> None:
+    """IMTL-L's optimum in s_t: exp(s_t) * L_t = 1 for every task (the module docstring)."""
+    weighting = wt.IMTLL(T).double()
+    opt = torch.optim.SGD(weighting.parameters(), lr=0.05)
+    losses = torch.tensor([0.5, 2.0, 8.0], dtype=torch.float64)
+    for _ in range(2000):
+        opt.zero_grad()
+        weighting(losses).backward()
+        opt.step()
+    torch.testing.assert_close(
+        weighting.weights.double() * losses,
+        torch.ones(T, dtype=torch.float64),
+        rtol=1e-4,
+        atol=1e-4,
+    )
