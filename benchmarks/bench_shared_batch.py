@@ -58,22 +58,24 @@ TORCHJD_NAMES = {"upgrad": "UPGrad", "mgda": "MGDA"}
 
 
 class SharedBatchNet(nn.Module):
-    def __init__(self, num_tasks: int) -> None:
+    def __init__(self, num_tasks: int, widths: tuple[int, ...] = WIDTHS) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        for a, b in itertools.pairwise(WIDTHS):
+        for a, b in itertools.pairwise(widths):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.encoder = nn.Sequential(*layers)
-        self.heads = nn.ModuleList(nn.Linear(WIDTHS[-1], 1) for _ in range(num_tasks))
+        self.heads = nn.ModuleList(nn.Linear(widths[-1], 1) for _ in range(num_tasks))
 
     def losses(self, h: Tensor, ys: Tensor) -> list[Tensor]:
         return [F.mse_loss(head(h).squeeze(-1), y) for head, y in zip(self.heads, ys, strict=True)]
 
 
-def make_variants(name: str, num_tasks: int, torchjd: bool) -> dict[str, Callable[[], None]]:
+def make_variants(
+    name: str, num_tasks: int, torchjd: bool, widths: tuple[int, ...] = WIDTHS
+) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
-    base = SharedBatchNet(num_tasks)
-    x = torch.randn(BATCH, WIDTHS[0])
+    base = SharedBatchNet(num_tasks, widths)
+    x = torch.randn(BATCH, widths[0])
     ys = torch.randn(num_tasks, BATCH)
     variants: dict[str, Callable[[], None]] = {}
 
@@ -253,15 +255,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-torchjd", action="store_true")
+    parser.add_argument(
+        "--widths", type=int, nargs="+", default=list(WIDTHS), help="encoder layer widths"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {args.threads} thread(s), batch {BATCH}, "
-        f"encoder {'-'.join(map(str, WIDTHS))}, load average {os.getloadavg()[0]:.1f}"
+        f"encoder {'-'.join(map(str, args.widths))}, load average {os.getloadavg()[0]:.1f}"
     )
     for name in args.aggregators:
         for num_tasks in args.tasks:
-            variants = make_variants(name, num_tasks, not args.no_torchjd)
+            variants = make_variants(name, num_tasks, not args.no_torchjd, tuple(args.widths))
             wall, cpu = time_both_clocks(variants, repeats=args.repeats)
             wall_ratios, cpu_ratios = paired_ratios(wall), paired_ratios(cpu)
             solve = solve_ms(name, num_tasks, args.repeats)
