@@ -104,3 +104,11 @@ def test_accelerate_recipe(one_thread, capsys, monkeypatch) -> None:
     pytest.importorskip("accelerate")
     out = run_example("accelerate_loop.py", ["--steps", "40", "--log-every", "10"], capsys, monkeypatch)
     assert_loss_falls(out, 4)
+
+
+@pytest.mark.parametrize(
+    "choice", [["--aggregator", "upgrad"], ["--weighting", "uncertainty"], ["--weighting", "dwa"]]
+)
+def test_shared_batch(choice: list[str], one_thread, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    out = run_example("shared_batch.py", ["--steps", "40", "--log-every", "10", *choice], capsys, monkeypatch)
+    assert_loss_falls(out, 4)
