@@ -28,7 +28,7 @@ from bert_demo.ablation.stats import Comparison, Run, compare
 from bert_demo.config import TrainConfig
 from bert_demo.run_folder.folder import RunFolder, changed_settings
 from bert_demo.run_folder.run_dir import resolve_device
-from bert_demo.run_folder.safe_write import atomic_write, write_text
+from bert_demo.run_folder.safe_write import write_text
 from bert_demo.tasks import PAPER_TASKS, TASKS
 from bert_demo.training.speed import resolve_precision, threads_for_jobs
 
