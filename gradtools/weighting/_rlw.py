@@ -40,7 +40,9 @@ class RLW(LossWeighting):
         return weights * losses
 
     def get_extra_state(self) -> Any:
+        """The generator's state, saved in ``state_dict()`` so a resumed run draws on."""
         return {"generator_state": self.generator.get_state()}
 
     def set_extra_state(self, state: Any) -> None:
+        """Restore the generator's state saved by :meth:`get_extra_state`."""
         self.generator.set_state(state["generator_state"])
