@@ -54,6 +54,7 @@ from gradtools._multitask_checks import (
 from gradtools._task_gradients import (
     Bucket,
     GramItem,
+    gradient_precision,
     gram_blocks,
     weighted_sum,
     weighted_sum_float64,
@@ -84,6 +85,8 @@ class _StepState:
     # before each later one so that accumulation advances it once per step.
     aggregator_state: dict[str, Any] | None = None
     unique_buckets: list[Bucket] = field(default_factory=list)
+    # Relative accuracy of the shared gradients (their coarsest dtype's epsilon).
+    precision: float = 2.0**-52
 
 
 class MultiTask(Optimizer):
@@ -575,6 +578,10 @@ class MultiTask(Optimizer):
         blocks = gram.blocks
         num_shared_items = len(buckets) + len(loose_shared)
         shared_blocks = blocks[:num_shared_items]
+        # The blocks are exact products of the stored gradients (float64), but the
+        # gradients are only as exact as their dtype: the aggregators' rank and
+        # stationarity decisions follow this.
+        state.precision = gradient_precision(items[:num_shared_items])
 
         diag = blocks.diagonal(dim1=-2, dim2=-1)
         nonfinite = tuple(t for t in range(num_tasks) if not bool(torch.isfinite(diag[:, t]).all()))
@@ -610,6 +617,7 @@ class MultiTask(Optimizer):
                     len(shared),
                     self.aggregator.name,
                     squeeze=self.granularity == "all",
+                    undefined=aggregation.undefined,
                 )
 
         weights_host: list[list[float]] = weights.tolist()
@@ -639,7 +647,7 @@ class MultiTask(Optimizer):
             state.aggregator_state = copy.deepcopy(self.aggregator.state_dict())
         elif state.aggregator_state:
             self.aggregator.load_state_dict(copy.deepcopy(state.aggregator_state))
-        return self.aggregator.aggregate(grouped, state.draw)
+        return agg.aggregate_with(self.aggregator, grouped, state.draw, precision=state.precision)
 
     def _split_shared(
         self, state: _StepState, params: list[Tensor]

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from gradtools.aggregation._base import BlockAggregator, register
-from gradtools.aggregation._solvers import QP_RIDGE, nonneg_qp
+from gradtools.aggregation._base import FLOAT64_EPS, BlockAggregator, register
+from gradtools.aggregation._solvers import QP_RIDGE, QP_TOL, nonneg_qp
 
 # numpy 2.4's bundled stubs hide or mistype some numpy functions for mypy 2.4.
 _linalg: Any = np.linalg
@@ -16,9 +16,20 @@ _np: Any = np
 
 # Relative bracket width (on s) at which the one-dimensional search stops.
 _SEARCH_TOL = 1e-13
-# |g_w| (relative to the largest gradient norm) below which the dual solution is
-# taken as Pareto stationary and the update as zero (torchjd uses 1e-4).
-_STATIONARY = 1e-10
+# Accuracy of |g_w|^2 (relative to the largest squared gradient norm) that the
+# search and the active-set QP deliver on an exact Gram: a few times their own
+# tolerances. The Gram's own precision adds to it (see stationary_threshold).
+_QP_ACCURACY = 10.0 * (QP_TOL + QP_RIDGE + _SEARCH_TOL)
+
+
+def stationary_threshold(num_tasks: int, precision: float) -> float:
+    """|g_w| (relative to the largest gradient norm) at or below which g_w cannot be told from 0.
+
+    |g_w|^2 = w'Gw with w on the simplex is known to about T * precision (the
+    Gram's entries) plus the solver's own accuracy, so |g_w| to the square root
+    of that: about 3e-6 on a float64 Gram, 7e-4 for float32 gradients and T = 4.
+    """
+    return math.sqrt(_QP_ACCURACY + num_tasks * precision)
 
 
 @register
@@ -58,6 +69,14 @@ class CAGrad(BlockAggregator):
         self.c = float(c)
 
     def block_weights(self, gram: np.ndarray, scale: float, block: int) -> np.ndarray:
+        return self.block_weights_at(gram, scale, block, FLOAT64_EPS)[0]
+
+    def block_weights_at(
+        self, gram: np.ndarray, scale: float, block: int, precision: float
+    ) -> tuple[np.ndarray, bool]:
+        return self._weights(gram, precision), False
+
+    def _weights(self, gram: np.ndarray, precision: float) -> np.ndarray:
         num_tasks = len(gram)
         mean = np.full(num_tasks, 1.0 / num_tasks)
         toward_mean = gram @ mean  # <g_t, g0>
@@ -83,7 +102,7 @@ class CAGrad(BlockAggregator):
             s = guess if guess is not None else 0.5 * (lo + hi)
         assert w is not None
         norm = math.sqrt(max(float(w @ gram @ w), 0.0))
-        if norm <= _STATIONARY:
+        if norm <= stationary_threshold(num_tasks, precision):
             return np.zeros(num_tasks)
         return mean + (radius / norm) * w
 
