@@ -23,7 +23,9 @@ def equal_angle_coefficients(gram: np.ndarray, precision: float) -> tuple[np.nda
     Returns ``(c, exists)``. ``exists`` says whether the equations can be met:
     whether the all-ones vector lies in R's range, to within ``sqrt(T * precision)``
     of its length. When it does not (e.g. rank-one gradients whose signs differ),
-    c is the least-squares solution, whose projections are not equal.
+    c is the least-squares solution, whose projections are not equal; when the
+    all-ones vector has no component in R's range beyond that slack (e.g.
+    opposite gradients), c is 0.
     """
     norms = np.sqrt(np.clip(gram.diagonal(), 0.0, None))
     nonzero = norms > _ZERO_NORM
@@ -34,9 +36,15 @@ def equal_angle_coefficients(gram: np.ndarray, precision: float) -> tuple[np.nda
     corr = gram[np.ix_(nonzero, nonzero)] / n[:, None] / n[None, :]
     ones = np.ones(len(n))
     solution = psd_pinv(corr, precision) @ ones
-    miss = corr @ solution - ones
-    residual = math.sqrt(float(miss @ miss))
-    exists = residual <= math.sqrt(len(gram) * precision) * math.sqrt(len(n))
+    reached = corr @ solution  # the all-ones vector's component in R's range
+    slack = math.sqrt(len(gram) * precision) * math.sqrt(len(n))
+    if math.sqrt(float(reached @ reached)) <= slack:
+        # Nothing of it is in R's range (e.g. opposite gradients): what the
+        # pseudo-inverse returns is rounding noise, which the normalisations of
+        # IMTL-G and ConFIG would blow up to order one.
+        return coefficients, False
+    miss = reached - ones
+    exists = math.sqrt(float(miss @ miss)) <= slack
     coefficients[nonzero] = solution / n
     return coefficients, exists
 
