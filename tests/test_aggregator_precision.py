@@ -116,6 +116,13 @@ def test_cagrad_with_c_at_least_one_makes_no_step_at_stationary_points(dtype: to
         assert np.all(step.grads[0] == 0.0)
 
 
+def test_cagrad_stationary_threshold_is_the_documented_size() -> None:
+    from gradtools.aggregation._cagrad import stationary_threshold
+
+    assert 2e-6 < stationary_threshold(4, 2.0**-52) < 4e-6
+    assert 6e-4 < stationary_threshold(4, EPS32) < 8e-4
+
+
 def test_cagrad_still_steps_off_stationary_points() -> None:
     """The stationarity threshold is not so loose that it stops ordinary steps."""
     rng = np.random.default_rng(0)

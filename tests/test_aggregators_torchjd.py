@@ -5,6 +5,21 @@ against torchjd's aggregator applied to J. Not compared here, because their
 torchjd versions need solvers we do not install (quadprog for UPGrad and
 DualProj, cvxpy/ECOS for CAGrad and Nash-MTL); test_aggregators.py checks those
 against transcriptions of the papers instead.
+
+Where torchjd 0.18 differs by design (kept out of the aggregators' docstrings,
+which say only what a user needs; the numbers are torchjd's source):
+- UPGrad/DualProj: quadprog on the trace-normalised Gram plus a 1e-4 ridge; we
+  solve the same QP on the correlation matrix with no ridge (KKT to 1e-12).
+- MGDA: Frank-Wolfe stopping at a step of 1e-3; we solve the min-norm QP exactly.
+- CAGrad: a zero update below an absolute |g_w| of 1e-4; our threshold is
+  relative and follows the Gram's precision (cagrad.stationary_threshold).
+- IMTL-G: ``pinv(G) |g|`` with an absolute 1e-12 test on the weight sum (which
+  fires for any gradients with norms above about 1e6); we use ``D^-1 R^+ 1``
+  and a relative test, so dependent gradients' norms do not change the answer.
+- AlignedMTL and ConFIG: eigenvalue and pseudo-inverse cutoffs at the Gram
+  dtype's epsilon; ours follow the ``precision`` argument (MultiTask: the
+  gradients' epsilon, its Gram being float64). On full-rank inputs, as tested
+  below, the answers agree.
 """
 
 from __future__ import annotations

@@ -31,13 +31,12 @@ class AlignedMTL(BlockAggregator):
     below that it cannot be told from rounding noise, and keeping such a noise
     eigenvalue as ``sigma`` would shrink the update by its square root.
 
-    Guarantees: weighted; weights unchanged when all gradients are scaled by
-    one factor; the aligned gradients are orthogonal with equal norms (the
-    paper's condition-number-one property). Not non-conflicting, not linear
-    under scaling. Heads get 1/T of their gradient.
-
-    Degenerate inputs: rank-deficient Gram matrices use the non-zero
-    eigenpairs only; an all-zero block gives weights 1/T.
+    Weights unchanged when every gradient is scaled by one factor; the aligned
+    gradients are orthogonal with equal norms (the paper's condition-number-one
+    property). Not non-conflicting, not linear under scaling. Rank-deficient
+    Gram matrices use the non-zero eigenpairs only; an all-zero block gives
+    weights 1/T. Heads get 1/T of their gradient. The guarantees and their
+    precision are in :mod:`gradtools.aggregation.guarantees`.
     """
 
     name = "alignedmtl"
@@ -65,7 +64,7 @@ class AlignedMTL(BlockAggregator):
         if self.scale_mode == "min":
             sigma = float(values.min())
         elif self.scale_mode == "median":
-            # The lower middle value for an even count, as torch.median (and torchjd).
+            # The lower middle value for an even count, as torch.median.
             sigma = float(np.sort(values)[(len(values) - 1) // 2])
         else:
             sigma = float(values.mean())

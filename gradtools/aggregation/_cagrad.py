@@ -48,17 +48,21 @@ class CAGrad(BlockAggregator):
     ``c |g0| s - |g_w(s)|`` is that of the derivative of a convex function of s,
     so the bracket stays valid).
 
-    Guarantees: weighted; weights unchanged when all gradients are scaled by one
-    factor; c = 0 gives the mean; for c < 1 it converges to a Pareto-stationary
-    point (paper's Theorem). Not non-conflicting in general, not linear under
-    scaling. Heads get 1/T of their gradient (the weights have the mean's scale).
-    Like the paper and torchjd we do not divide by ``1 + c^2`` (the official
-    code's ``rescale`` option does).
+    Weights unchanged when every gradient is scaled by one factor; c = 0 gives
+    the mean; for c < 1 it converges to a Pareto-stationary point (the paper's
+    theorem). Not non-conflicting in general, not linear under scaling. Like the
+    paper we do not divide by ``1 + c^2`` (the official code's ``rescale``
+    option does). Heads get 1/T of their gradient.
 
-    Degenerate inputs: when the dual solution has ``|g_w| <= 1e-10`` (relative to
-    the largest gradient norm), the point is Pareto stationary and the weights
-    are zero, as torchjd does below its 1e-4; g0 = 0 gives the mean (zero
-    update); T = 1 gives weight 1 + c.
+    Pareto stationarity: when the dual solution's ``|g_w|`` cannot be told from
+    0 at the Gram's precision (:func:`stationary_threshold`: the square root of
+    the accuracy of ``|g_w|^2``, about 3e-6 of the largest gradient norm for
+    float64 gradients and 7e-4 for float32 with T = 4), the weights are zero.
+    For c >= 1 that is the exact answer at a strongly Pareto-stationary point
+    (the zero update is then feasible and optimal); dividing by a ``|g_w|`` made
+    of rounding noise would instead point the update anywhere. g0 = 0 gives the
+    mean (a zero update); T = 1 gives weight 1 + c. The guarantees and their
+    precision are in :mod:`gradtools.aggregation.guarantees`.
     """
 
     name = "cagrad"
