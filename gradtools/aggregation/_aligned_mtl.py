@@ -26,10 +26,11 @@ class AlignedMTL(BlockAggregator):
     ``B @ (1/T)``. ``sigma`` is the smallest non-zero eigenvalue (``"min"``, the
     paper), the median (the lower middle one for an even count) or the mean
     (``"rmse"``, the official code). An eigenvalue counts as zero at or below
-    ``T * precision`` times the largest (the Gram's precision, see
-    :meth:`Aggregator.aggregate`: float32 gradients give float32's epsilon):
-    below that it cannot be told from rounding noise, and keeping such a noise
-    eigenvalue as ``sigma`` would shrink the update by its square root.
+    ``T * (precision + 8 eps)`` times the largest (``precision``: the Gram's,
+    see :meth:`Aggregator.aggregate`; float32 gradients give float32's epsilon;
+    eps: float64's): below that it cannot be told from rounding noise, and
+    keeping such a noise eigenvalue as ``sigma`` would shrink the update by its
+    square root.
 
     Weights unchanged when every gradient is scaled by one factor; the aligned
     gradients are orthogonal with equal norms (the paper's condition-number-one

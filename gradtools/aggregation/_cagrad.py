@@ -22,14 +22,16 @@ _SEARCH_TOL = 1e-13
 _QP_ACCURACY = 10.0 * (QP_TOL + QP_RIDGE + _SEARCH_TOL)
 
 
-def stationary_threshold(num_tasks: int, precision: float) -> float:
+def stationary_threshold(precision: float) -> float:
     """|g_w| (relative to the largest gradient norm) at or below which g_w cannot be told from 0.
 
-    |g_w|^2 = w'Gw with w on the simplex is known to about T * precision (the
-    Gram's entries) plus the solver's own accuracy, so |g_w| to the square root
-    of that: about 3e-6 on a float64 Gram, 7e-4 for float32 gradients and T = 4.
+    With every ``G_ij`` known to ``precision * |g_i| |g_j|`` and w on the simplex,
+    ``|g_w|^2 = w'Gw`` is known to ``precision * (sum_i w_i |g_i|)^2 <= precision``
+    (in units of the largest squared norm), plus the solver's own accuracy; |g_w|
+    to the square root of that: about 3.5e-6 for float64 gradients, 3.5e-4 for
+    float32 ones.
     """
-    return math.sqrt(_QP_ACCURACY + num_tasks * precision)
+    return math.sqrt(_QP_ACCURACY + precision)
 
 
 @register
@@ -56,8 +58,8 @@ class CAGrad(BlockAggregator):
 
     Pareto stationarity: when the dual solution's ``|g_w|`` cannot be told from
     0 at the Gram's precision (:func:`stationary_threshold`: the square root of
-    the accuracy of ``|g_w|^2``, about 3e-6 of the largest gradient norm for
-    float64 gradients and 7e-4 for float32 with T = 4), the weights are zero.
+    the accuracy of ``|g_w|^2``, about 3.5e-6 of the largest gradient norm for
+    float64 gradients and 3.5e-4 for float32 ones), the weights are zero.
     For c >= 1 that is the exact answer at a strongly Pareto-stationary point
     (the zero update is then feasible and optimal); dividing by a ``|g_w|`` made
     of rounding noise would instead point the update anywhere. g0 = 0 gives the
@@ -106,7 +108,7 @@ class CAGrad(BlockAggregator):
             s = guess if guess is not None else 0.5 * (lo + hi)
         assert w is not None
         norm = math.sqrt(max(float(w @ gram @ w), 0.0))
-        if norm <= stationary_threshold(num_tasks, precision):
+        if norm <= stationary_threshold(precision):
             return np.zeros(num_tasks)
         return mean + (radius / norm) * w
 

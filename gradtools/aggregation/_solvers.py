@@ -178,12 +178,13 @@ def noise_floor(n: int, precision: float) -> float:
 
     When every entry ``G_ij`` is known to ``precision * |g_i| |g_j|``, the error
     matrix has a spectral norm of at most ``n * precision`` times the largest
-    diagonal (Weyl's inequality), so an eigenvalue that small cannot be told
-    from zero. The factor 8 covers the float64 roundings of our own on the way
-    (the products, the normalisation to unit diagonal: a few epsilons per entry),
-    which matter when the gradients themselves are float64.
+    diagonal (its Frobenius norm is at most ``precision`` times the trace, by
+    Weyl's inequality it moves no eigenvalue by more), so an eigenvalue that
+    small cannot be told from zero. ``8 eps`` (float64's) more covers our own
+    roundings on the way (the products, the normalisation to unit diagonal: a
+    few epsilons per entry), which matter when the gradients are float64.
     """
-    return 8.0 * n * max(precision, float(np.finfo(np.float64).eps))
+    return n * (max(precision, 0.0) + 8.0 * float(np.finfo(np.float64).eps))
 
 
 def psd_pinv(q: np.ndarray, precision: float) -> np.ndarray:
