@@ -26,7 +26,7 @@ from gradtools import aggregation as agg
 from gradtools.aggregation import guarantees
 
 FEW = settings(
-    max_examples=12,
+    max_examples=10,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],

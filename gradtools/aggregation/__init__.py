@@ -5,6 +5,8 @@ Every aggregator maps a batch of T x T Gram matrices ``G[i, j] = <g_i, g_j>``
 combination weights w, so that the combined gradient is ``sum_t w[t] g_t``.
 Nothing here knows about autograd, parameters or devices. See
 :class:`Aggregator` for the interface and :func:`from_name` for the registry.
+What each method guarantees, and to what precision, is one table:
+:mod:`gradtools.aggregation.guarantees` (``markdown_table()`` renders it).
 """
 
 from gradtools.aggregation._aligned_mtl import AlignedMTL
