@@ -119,10 +119,12 @@ def check_non_conflicting(
     name: str, dtype: torch.dtype, jac: np.ndarray, layout: list[int] | None
 ) -> None:
     step = run_step(build(name), jac, dtype, layout)
-    tol = guarantees.tolerance("non_conflicting", dtype, jac.shape[0])
+    floor = guarantees.solver_floor("non_conflicting")
+    rounding = guarantees.tolerance("non_conflicting", dtype, jac.shape[0]) - floor
     for b, (rows, grad) in enumerate(zip(step.jacs, step.grads, strict=True)):
         dots = rows @ grad
-        bound = tol * np.linalg.norm(rows, axis=1) * step.scale(b)
+        norms = np.linalg.norm(rows, axis=1)
+        bound = rounding * norms * step.scale(b) + floor * norms.max() ** 2
         assert np.all(dots >= -bound), (b, dots, bound)
 
 

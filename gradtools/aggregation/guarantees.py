@@ -16,14 +16,18 @@ stored, and the solvers work in float64 too. What is left is the rounding of the
 combined gradient, written in the gradients' dtype, and the decisions a rounding
 error in the gradients could flip (rank, the existence of an equal-angle
 direction, Pareto stationarity), which every aggregator takes at the gradients'
-epsilon (the ``precision`` argument of :meth:`Aggregator.aggregate`).
+epsilon (the ``precision`` argument of :meth:`Aggregator.aggregate`). The
+active-set QPs (MGDA, UPGrad, DualProj, CAGrad's inner problem) take no such
+decision: they are solved exactly for the Gram they are given, so a caller who
+passes a Gram computed in float32 gets their guarantees relative to that
+rounded Gram, not to the exact gradients.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["GUARANTEES", "HOLDS_TO", "PROPERTIES", "markdown_table", "tolerance"]
+__all__ = ["GUARANTEES", "HOLDS_TO", "PROPERTIES", "markdown_table", "solver_floor", "tolerance"]
 
 PROPERTIES: dict[str, str] = {
     "weighted": "the shared parameters' .grad is sum_t w_t g_t with the weights the step's stats report",
@@ -92,7 +96,12 @@ GUARANTEES: dict[str, frozenset[str]] = {
 _HOLDS_TO: dict[str, tuple[float, float, str]] = {
     "weighted": (4.0, 0.0, "sum_t |w_t| |g_t|, per element's row norm"),
     "finite": (0.0, 0.0, "exact: no inf or NaN"),
-    "non_conflicting": (8.0, 1e-10, "|g_i| S, S = max_t |g_t| + sum_t |w_t| |g_t|"),
+    "non_conflicting": (
+        8.0,
+        1e-10,
+        "|g_i| S (S = max_t |g_t| + sum_t |w_t| |g_t|) for the eps part, max_t |g_t|^2 for "
+        "the floor (MGDA's KKT tolerance is relative to the largest squared norm)",
+    ),
     "permutation_invariant": (64.0, 1e-8, "S"),
     "linear_under_scaling": (64.0, 1e-8, "the three updates' S summed"),
     "scale_invariant_weights": (0.0, 1e-9, "max_t |w_t| (power-of-two factors: exact gradients)"),
@@ -122,6 +131,11 @@ def tolerance(name: str, dtype: torch.dtype, num_tasks: int = 1) -> float:
     """
     factor, floor, _ = _HOLDS_TO[name]
     return factor * num_tasks * float(torch.finfo(dtype).eps) + floor
+
+
+def solver_floor(name: str) -> float:
+    """The part of :func:`tolerance` that is the float64 solvers' accuracy, not the rounding."""
+    return _HOLDS_TO[name][1]
 
 
 def markdown_table() -> str:
