@@ -27,7 +27,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from aggregator_cases import SETTINGS, combined, gram_of, random_jacobian, well_conditioned
+from aggregator_cases import (
+    SETTINGS,
+    combined,
+    gram_of,
+    random_jacobian,
+    run_step,
+    well_conditioned,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -156,3 +163,34 @@ def test_gradvac_matches_torchjd_over_several_steps(beta: float) -> None:
         expected = torchjd_on(theirs, jac)
         actual = jac.T @ ours.aggregate(gram_of(jac), orders).weights[0].numpy()
         np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7 * scale_of(jac))
+
+
+def float32_rank_two_jacobian(seed: int) -> torch.Tensor:
+    """[4, 50] float32 task gradients of rank 2, each computed through three float32 layers
+    (so the third singular value is float32 rounding noise, about 1e-7 of the first)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(4, 2, generator=g)
+    b = torch.randn(2, 50, generator=g)
+    layers = [torch.randn(50, 50, generator=g) / 50**0.5 for _ in range(3)]
+    p = torch.zeros(50, requires_grad=True)
+    rows = []
+    for i in range(4):
+        h = p
+        for w in layers:
+            h = w @ h
+        rows.append(torch.autograd.grad((a[i] * (b @ h)).sum(), p)[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    ("name", "theirs"), [("alignedmtl", jd.AlignedMTL()), ("config", jd.ConFIG())], ids=str
+)
+def test_float32_rank_deficient_steps_match_torchjd_at_float32(name: str, theirs) -> None:
+    """torchjd cuts eigenvalues at the float32 Gram's epsilon; MultiTask passes the float32
+    gradients' epsilon, so both drop the rounding-noise direction and agree (before issue 20
+    ours kept it: AlignedMTL's update shrank by ~1e4, ConFIG's direction was noise)."""
+    for seed in range(4):
+        jac = float32_rank_two_jacobian(seed)
+        expected = theirs(jac).double().numpy()
+        ours = run_step(name, jac.double().numpy(), torch.float32).grads[0]
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-3 * np.linalg.norm(expected))
