@@ -173,7 +173,9 @@ def gram_blocks(items: list[GramItem], num_tasks: int) -> GramBlocks:
     for values, where in per_device.values():
         flat = torch.cat(values).to(device="cpu", dtype=torch.float64).tolist()  # the host sync
         for (k, i, j), value in zip(where, flat, strict=True):
-            blocks[k][i][j] = value
+            if i <= j:  # one number for [i][j] and [j][i] (a product need not be symmetric)
+                blocks[k][i][j] = value
+                blocks[k][j][i] = value
 
     # Products of float32 (or half) numbers cannot leave float64's range: only
     # float64 gradients (or non-finite ones) give a non-finite block.
@@ -193,8 +195,8 @@ def gram_blocks(items: list[GramItem], num_tasks: int) -> GramBlocks:
                 scaled = _gram_in_float64([v for _, v in item.vectors], factor).cpu().tolist()
                 tasks = [t for t, _ in item.vectors]
                 for a, i in enumerate(tasks):
-                    for b, j in enumerate(tasks):
-                        blocks[k][i][j] = scaled[a][b]
+                    for b, j in enumerate(tasks[a:], start=a):
+                        blocks[k][i][j] = blocks[k][j][i] = scaled[a][b]
     result = torch.tensor(blocks, dtype=torch.float64).reshape(len(items), num_tasks, num_tasks)
     return GramBlocks(result, log2_unit)
 
@@ -206,12 +208,18 @@ def _gram_in_float64(vectors: list[Tensor], factor: float) -> Tensor:
     converted) into a float64 buffer, then multiplied by its transpose. k(k+1)/2
     separate dot products would read every gradient k times over (memory-bound:
     at T = 10 that is most of the wrapper's cost); this reads each once. The
-    buffer bounds the float64 copy to about ``_MATMUL_CHUNK`` elements. The
-    result is symmetrised, so that ``[i, j]`` and ``[j, i]`` are one number.
+    buffer bounds the float64 copy to about ``_MATMUL_CHUNK`` elements; a block
+    that fits in one chunk (most tensors under ``granularity="tensor"``) is
+    stacked and converted in two kernels instead.
     """
     count = len(vectors)
     numel = vectors[0].numel()
-    step = max(1, min(numel, _MATMUL_CHUNK // count))
+    if numel * count <= _MATMUL_CHUNK:
+        rows = torch.stack(vectors).to(torch.float64)
+        if factor != 1.0:
+            rows.mul_(factor)
+        return rows @ rows.T
+    step = max(1, _MATMUL_CHUNK // count)
     buffer = torch.empty(count, step, dtype=torch.float64, device=vectors[0].device)
     total = torch.zeros(count, count, dtype=torch.float64, device=vectors[0].device)
     for start in range(0, numel, step):
@@ -222,7 +230,7 @@ def _gram_in_float64(vectors: list[Tensor], factor: float) -> Tensor:
         if factor != 1.0:
             rows.mul_(factor)
         total.addmm_(rows, rows.T)
-    return (total + total.T).mul_(0.5)
+    return total
 
 
 def _all_finite(items: object) -> bool:
