@@ -152,6 +152,18 @@ def test_imtlg_without_an_equal_angle_direction_is_defined_and_flagged() -> None
     assert independent.undefined is not None and not independent.undefined.any()
 
 
+def test_imtlg_direction_does_not_depend_on_dependent_gradients_norms() -> None:
+    rng = np.random.default_rng(2)
+    g1, g2 = rng.standard_normal((2, 6))
+    for dtype in (torch.float32, torch.float64):
+        updates = [
+            run_step("imtlg", np.stack([g1, g2, k * g2]), dtype).grads[0] for k in (0.01, 1.0, 50.0)
+        ]
+        for d in updates[1:]:
+            cosine = d @ updates[0] / (np.linalg.norm(d) * np.linalg.norm(updates[0]))
+            assert cosine > 1 - 1e-6, cosine
+
+
 def test_undefined_is_reported_per_block_and_none_for_other_methods() -> None:
     v = np.array([0.3, -1.2, 0.7])
     rank_one = np.array([1.0, -2.0, 0.5])[:, None] * v[None, :]

@@ -68,7 +68,7 @@ class IMTLG(BlockAggregator):
     ``max(1e-12, T * precision)``; e.g. rank-one gradients whose signs cancel)
     the weights are all zero. Both cases are flagged in the step's statistics
     (:attr:`gradtools.MultiTaskStats.undefined`). The pseudo-inverse on R makes
-    the answer independent of how dependent gradients' norms compare.
+    the direction independent of how dependent gradients' norms compare.
 
     Zero gradients get weight 0; T=1 gives weight 1. Heads get 1/T of their
     gradient. The properties asserted for it are in
