@@ -207,8 +207,9 @@ def feature_gram(grads: list[Tensor]) -> Tensor:
 
     The rows are already side by side, so this is a few matrix products on the
     device (no copy), each chunk's product added in float64. When the float32
-    result may be inaccurate (non-finite, or squared norms down where float32's
-    products turn subnormal) it falls back to the wrapper's careful
+    result may be inaccurate (non-finite, squared norms down where float32's
+    products turn subnormal, or task gradients close to linearly dependent, where
+    rounding would decide the rank) it falls back to the wrapper's exact float64
     :func:`gradtools._task_gradients.gram_blocks`.
     """
     num_tasks = grads[0].shape[0]
@@ -222,11 +223,26 @@ def feature_gram(grads: list[Tensor]) -> Tensor:
     gram = total.cpu()
     numel = sum(f.shape[1] for f in flats)
     floor = numel * torch.finfo(torch.float32).tiny * 2.0**26
-    if bool(torch.isfinite(gram).all()) and bool((gram.diagonal() >= floor).all()):
+    if (bool(torch.isfinite(gram).all()) and bool((gram.diagonal() >= floor).all())
+            and (flats[0].dtype == torch.float64 or _well_conditioned(gram))):
         return gram
     items = [GramItem([(t, row) for t, row in enumerate(f)], f.shape[1]) for f in flats]
     careful = gram_blocks(items, num_tasks)
     return torch.ldexp(careful.blocks.sum(0), torch.tensor(2 * careful.log2_unit))
+
+
+# Smallest eigenvalue of the correlation matrix below which float32 products are not
+# trusted: their rounding (about sqrt(n) * 6e-8 of |g_i| |g_j|) would decide the rank
+# and the active set of dependent or near-duplicate task gradients, which the exact
+# aggregators (UPGrad, DualProj, MGDA) read as signal.
+_WELL_CONDITIONED = 1e-3
+
+
+def _well_conditioned(gram: Tensor) -> bool:
+    """Whether a float32-product Gram is far enough from singular to be used as it is."""
+    norms = gram.diagonal().sqrt()
+    corr = gram / (norms.unsqueeze(0) * norms.unsqueeze(1))
+    return bool(torch.linalg.eigvalsh(corr)[0] >= _WELL_CONDITIONED)
 
 
 def reduce_gram(gram: Tensor, group: dist.ProcessGroup) -> Tensor:

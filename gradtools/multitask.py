@@ -56,6 +56,7 @@ from gradtools._shared_batch import backward_with_features, combine_features
 from gradtools._task_gradients import (
     Bucket,
     GramItem,
+    gradient_precision,
     gram_blocks,
     weighted_sum,
     weighted_sum_float64,
@@ -88,6 +89,8 @@ class _StepState:
     unique_buckets: list[Bucket] = field(default_factory=list)
     # Set when the step's backward() calls pass features= (representation level).
     features: FeatureStep | None = None
+    # Relative accuracy of the shared gradients (their coarsest dtype's epsilon).
+    precision: float = 2.0**-52
 
 
 class MultiTask(Optimizer):
@@ -620,6 +623,10 @@ class MultiTask(Optimizer):
         blocks = gram.blocks
         num_shared_items = len(buckets) + len(loose_shared)
         shared_blocks = blocks[:num_shared_items]
+        # The blocks are exact products of the stored gradients (float64), but the
+        # gradients are only as exact as their dtype: the aggregators' rank and
+        # stationarity decisions follow this.
+        state.precision = gradient_precision(items[:num_shared_items])
 
         diag = blocks.diagonal(dim1=-2, dim2=-1)
         nonfinite = tuple(t for t in range(num_tasks) if not bool(torch.isfinite(diag[:, t]).all()))
@@ -655,6 +662,7 @@ class MultiTask(Optimizer):
                     len(shared),
                     self.aggregator.name,
                     squeeze=self.granularity == "all",
+                    undefined=aggregation.undefined,
                 )
 
         weights_host: list[list[float]] = weights.tolist()
@@ -684,7 +692,7 @@ class MultiTask(Optimizer):
             state.aggregator_state = copy.deepcopy(self.aggregator.state_dict())
         elif state.aggregator_state:
             self.aggregator.load_state_dict(copy.deepcopy(state.aggregator_state))
-        return self.aggregator.aggregate(grouped, state.draw)
+        return agg.aggregate_with(self.aggregator, grouped, state.draw, precision=state.precision)
 
     def _split_shared(
         self, state: _StepState, params: list[Tensor]

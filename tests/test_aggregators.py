@@ -266,6 +266,13 @@ def test_cagrad_on_exactly_cancelling_gradients_is_the_zero_mean() -> None:
     np.testing.assert_array_equal(weights, [0.5, 0.5])
 
 
+@SETTINGS
+@given(jac=degenerate())
+def test_cagrad_with_c_zero_is_the_mean(jac: np.ndarray) -> None:
+    weights = weights_on(agg.CAGrad(c=0.0), jac, None)
+    np.testing.assert_array_equal(weights, np.full(len(jac), 1.0 / len(jac)))
+
+
 @pytest.mark.parametrize(
     "aggregator", [agg.UPGrad(), agg.DualProj(), agg.IMTLG(), agg.AlignedMTL()], ids=repr
 )

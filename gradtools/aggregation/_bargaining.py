@@ -81,12 +81,14 @@ class NashMTL(BlockAggregator):
         self._step = 0
         self._last: Tensor | None = None
 
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self, gram: Tensor, draw: Tensor | None, *, precision: float | None = None
+    ) -> Aggregation:
         reuse = self._last is not None and self._step % self.update_every != 0
         if reuse and self._last is not None and self._last.shape == gram.shape[:2]:
             weights = self._last.clone()
         else:
-            weights = super().aggregate(gram, draw).weights
+            weights = super().aggregate(gram, draw, precision=precision).weights
             self._last = weights.clone()
         self._step += 1
         if self.max_norm is not None:

@@ -12,6 +12,7 @@ from gradtools.aggregation._base import (
     Aggregation,
     Aggregator,
     checked_gram,
+    gram_precision,
     register,
     required_draw,
 )
@@ -64,7 +65,10 @@ class GradVac(Aggregator):
     def draw(self, num_tasks: int, generator: torch.Generator | None) -> Tensor:
         return draw_orders(num_tasks, generator)
 
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self, gram: Tensor, draw: Tensor | None, *, precision: float | None = None
+    ) -> Aggregation:
+        gram_precision(gram, precision)  # validated; the walk is continuous in the Gram
         gram = checked_gram(gram)
         num_blocks, num_tasks, _ = gram.shape
         draw = required_draw(draw, "GradVac", "the visiting orders")

@@ -16,7 +16,8 @@ relative ones.
 - :func:`power_balance`: the positive ``x`` with ``(Qx)_i = k_i x_i^(-1/a)`` (Nash-MTL
   for a = 1, FairGrad in general), by damped Newton on a strictly convex
   potential, to a relative residual of ``BALANCE_TOL``.
-- :func:`psd_pinv`: pseudo-inverse of a symmetric PSD matrix by eigendecomposition.
+- :func:`psd_pinv`: pseudo-inverse of a symmetric PSD matrix by eigendecomposition,
+  dropping the eigenvalues below :func:`noise_floor`.
 """
 
 from __future__ import annotations
@@ -172,13 +173,27 @@ def power_balance(
     return x
 
 
-def psd_pinv(q: np.ndarray, rcond: float | None = None) -> np.ndarray:
-    """Pseudo-inverse of a symmetric PSD matrix; eigenvalues below ``rcond * max`` count as zero.
+def noise_floor(n: int, precision: float) -> float:
+    """Relative eigenvalue at or below which an order-n Gram's eigenpair is rounding noise.
 
-    ``rcond`` defaults to ``n * eps`` (as ``torch.linalg.pinv``).
+    When every entry ``G_ij`` is known to ``precision * |g_i| |g_j|``, the error
+    matrix has a spectral norm of at most ``n * precision`` times the largest
+    diagonal (its Frobenius norm is at most ``precision`` times the trace, by
+    Weyl's inequality it moves no eigenvalue by more), so an eigenvalue that
+    small cannot be told from zero. ``8 eps`` (float64's) more covers our own
+    roundings on the way (the products, the normalisation to unit diagonal: a
+    few epsilons per entry), which matter when the gradients are float64.
+    """
+    return n * (max(precision, 0.0) + 8.0 * float(np.finfo(np.float64).eps))
+
+
+def psd_pinv(q: np.ndarray, precision: float) -> np.ndarray:
+    """Pseudo-inverse of a symmetric PSD matrix whose entries are known to ``precision``.
+
+    Eigenvalues at or below ``noise_floor(n, precision) * max`` count as zero.
     """
     n = q.shape[0]
-    cutoff = n * np.finfo(np.float64).eps if rcond is None else rcond
+    cutoff = noise_floor(n, precision)
     values, vectors = _linalg.eigh(q)
     top = float(values.max(initial=0.0))
     keep = values > cutoff * top
