@@ -16,7 +16,7 @@ stored, and the solvers work in float64 too. What is left is the rounding of the
 combined gradient, written in the gradients' dtype, and the decisions a rounding
 error in the gradients could flip (rank, the existence of an equal-angle
 direction, Pareto stationarity), which every aggregator takes at the gradients'
-epsilon (the ``precision`` argument of :meth:`Aggregator.aggregate`). The
+epsilon (the ``precision`` argument of :meth:`gradtools.aggregation.Aggregator.aggregate`). The
 active-set QPs (MGDA, UPGrad, DualProj, CAGrad's inner problem) take no such
 decision: they are solved exactly for the Gram they are given, so a caller who
 passes a Gram computed in float32 gets their guarantees relative to that
