@@ -28,7 +28,7 @@ from bert_demo.ablation.stats import Comparison, Run, compare
 from bert_demo.config import TrainConfig
 from bert_demo.run_folder.folder import RunFolder, changed_settings
 from bert_demo.run_folder.run_dir import resolve_device
-from bert_demo.run_folder.safe_write import atomic_write, write_text
+from bert_demo.run_folder.safe_write import write_text
 from bert_demo.tasks import PAPER_TASKS, TASKS
 from bert_demo.training.speed import resolve_precision, threads_for_jobs
 
@@ -121,7 +121,7 @@ COMPARABILITY = (
 def row_config(base: TrainConfig, row: Row, seed: int) -> TrainConfig:
     """The base settings with the row's methods switched on (and only those)."""
     methods = {"smart": False, "sts_aug": False, "mnrl_weight": 0.0,
-               "aggregator": None, "mode": "finetune", "tasks": base.tasks}
+               "aggregator": None, "weighting": None, "mode": "finetune", "tasks": base.tasks}
     extra = {**base.extra, "ablation_row": row.name}
     return base.with_overrides(**{**methods, **row.overrides, "seed": seed, "extra": extra})
 
@@ -436,8 +436,8 @@ def markdown_table(summary: dict[str, Any], base: TrainConfig, seeds: int) -> st
             lines.append(f"| {row.name} | " + " | ".join(
                 f"{test[m]:.3f}" for m in METRICS[:3]) + " |")
     settings = {k: v for k, v in base.to_dict().items()
-                if k not in ("smart", "pcgrad", "sts_aug", "mnrl_weight", "aggregator", "mode",
-                             "seed", "extra")}
+                if k not in ("smart", "pcgrad", "sts_aug", "mnrl_weight", "aggregator",
+                             "weighting", "mode", "seed", "extra")}
     lines += ["", "Settings shared by every row: `" + json.dumps(settings, sort_keys=True) + "`", ""]
     return "\n".join(lines)
 

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bert_demo.ablation.ablate import HEADERS, METRICS, PAPER_DEV_SCORES, REFERENCE_ROW, paper_overall
+from bert_demo.ablation.ablate import (
+    HEADERS,
+    METRICS,
+    PAPER_DEV_SCORES,
+    REFERENCE_ROW,
+    paper_overall,
+)
 from bert_demo.run_folder.safe_write import atomic_write
 
 DIFFERENCES_FIGURE = "differences.png"
