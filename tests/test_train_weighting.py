@@ -238,3 +238,21 @@ def test_gradnorm_reads_the_pooler_under_cls_pooling(tiny, tmp_path) -> None:
     trainer.folder.release()
     grad = trainer.weighting.loss_weights.grad  # type: ignore[attr-defined]
     assert grad is not None and bool(grad.abs().sum() > 0)
+
+
+def test_the_command_line_trains_with_it_and_resume_keeps_it(tiny, tmp_path, capsys) -> None:
+    model_dir, data_dir = tiny
+    out = tmp_path / "run"
+    common = ["--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+              "--batch-sst", "3", "--batch-para", "2", "--batch-sts", "2", "--max-length", "16",
+              "--steps-per-epoch", "1", "--max-eval-examples", "2", "--no-progress",
+              "--precision", "fp32", "--log-every", "1"]
+    assert main(["train", *common, "--weighting", "rlw", "--keep-checkpoint"]) == 0
+    assert json.loads((out / "config.json").read_text())["weighting"] == "rlw"
+    assert all(f"weight_{t}" in r for r in records(out) for t in ("sst", "para", "sts"))
+    capsys.readouterr()
+    assert _exit_code(["train", "--out", str(out), "--resume", "--weighting", "dwa"]) == 2
+    assert "refusing --weighting dwa (the run has rlw)" in capsys.readouterr().err
+    # One more epoch continues with the run's own weighting.
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert [r["step"] for r in records(out)] == [1, 2]
