@@ -256,3 +256,22 @@ def test_the_command_line_trains_with_it_and_resume_keeps_it(tiny, tmp_path, cap
     # One more epoch continues with the run's own weighting.
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert [r["step"] for r in records(out)] == [1, 2]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "torch-adamw", "lamb"])
+def test_the_loss_weights_learn_at_the_heads_rate_without_decay(tiny, tmp_path,
+                                                                 optimizer) -> None:
+    trainer = Trainer(tiny_config(tiny, weighting="uncertainty", weight_decay=0.5,
+                                  head_lr=2e-3, optimizer=optimizer),
+                      tmp_path / "run", progress=False)
+    trainer.folder.release()
+    assert trainer.weighting is not None
+    (learned,) = trainer.weighting.parameters()
+    groups = trainer.optimizer.param_groups
+    (own,) = [g for g in groups if any(p is learned for p in g["params"])]
+    assert own["params"] == [learned] and own["lr"] == 2e-3 and own["weight_decay"] == 0.0
+    assert [g["weight_decay"] for g in groups if g is not own] == [0.5, 0.5]
+    # Without a learnable weighting the groups are as before: encoder and heads.
+    plain = Trainer(tiny_config(tiny, weighting="dwa"), tmp_path / "dwa", progress=False)
+    plain.folder.release()
+    assert len(plain.optimizer.param_groups) == 2

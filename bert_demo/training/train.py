@@ -262,12 +262,15 @@ class Trainer:
     def _make_optimizer(self) -> torch.optim.Optimizer:
         config = self.config
         head_lr = config.head_lr if config.head_lr is not None else config.lr
-        heads = self.model.head_parameters()
-        if self.weighting is not None:
-            heads += list(self.weighting.parameters())
-        groups: list[dict[str, Any]] = [{"params": heads, "lr": head_lr}]
+        groups: list[dict[str, Any]] = [{"params": self.model.head_parameters(), "lr": head_lr}]
         if config.mode == "finetune":
             groups.insert(0, {"params": list(self.model.encoder.parameters()), "lr": config.lr})
+        learned = [] if self.weighting is None else list(self.weighting.parameters())
+        if learned:
+            # The loss weights learn at the heads' rate, without weight decay: it would pull
+            # them toward their initial values (UW's log-variances toward 0), which none of
+            # the methods' papers does.
+            groups.append({"params": learned, "lr": head_lr, "weight_decay": 0.0})
         optimizer = make_optimizer(config.optimizer, groups, config.weight_decay,
                                    self.adamw_impl or "for-loop")
         # With several processes each task's gradient is averaged over them before the
