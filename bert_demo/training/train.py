@@ -2,9 +2,10 @@
 
 Each step draws one batch per task (the order is a pure function of seed and step,
 see :mod:`bert_demo.tasks.batching`), computes each task's loss (plus SMART's adversarial
-and Bregman terms with ``smart``), and either sums the losses or hands them to
-the aggregator (``--aggregator``; PCGrad removes conflicting components), which combines
-the task gradients before the optimizer step.
+and Bregman terms with ``smart``), optionally weights them (``--weighting``, a
+:mod:`gradtools.weighting` method, see :mod:`bert_demo.training.weighting`), and either
+sums the losses or hands them to the aggregator (``--aggregator``; PCGrad removes
+conflicting components), which combines the task gradients before the optimizer step.
 
 A run lives in one folder, which :class:`bert_demo.run_folder.folder.RunFolder` owns (what
 is written there, when, and what may change on resume); the Trainer sets up, steps and
