@@ -246,7 +246,8 @@ def test_the_command_line_trains_with_it_and_resume_keeps_it(tiny, tmp_path, cap
     common = ["--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
               "--batch-sst", "3", "--batch-para", "2", "--batch-sts", "2", "--max-length", "16",
               "--steps-per-epoch", "1", "--max-eval-examples", "2", "--no-progress",
-              "--precision", "fp32", "--log-every", "1"]
+              "--precision", "fp32", "--log-every", "1", "--no-tensorboard", "--adamw-impl",
+              "for-loop"]
     assert main(["train", *common, "--weighting", "rlw", "--keep-checkpoint"]) == 0
     assert json.loads((out / "config.json").read_text())["weighting"] == "rlw"
     assert all(f"weight_{t}" in r for r in records(out) for t in ("sst", "para", "sts"))
