@@ -35,7 +35,8 @@ WEIGHTINGS: dict[str, tuple[type[wt.LossWeighting], str]] = {
 # layer): an aggregator replaces that step, so they take none.
 OWN_STEP = ("famo", "gradnorm")
 # Aggregators whose update direction does not change when one task's gradient is scaled
-# (tests/test_train_weighting.py checks it): a loss weighting in front of them could
+# (tests/test_train_weighting.py checks it for every registered aggregator as the demo
+# builds it, FairGrad at its default alpha = 1): a loss weighting in front of them could
 # change only the step's length, not which way it goes.
 SCALE_FREE_AGGREGATORS = ("config", "fairgrad", "imtlg", "nashmtl")
 
@@ -62,7 +63,7 @@ HELP = (
     "aggregator, except for " + " and ".join(OWN_STEP) + " (their own update assumes "
     "the step is their weighted loss's gradient) and with the aggregators "
     + ", ".join(SCALE_FREE_AGGREGATORS) + " (their direction ignores each task's scale, "
-    "so the weights would do nothing). famo recomputes the losses after each step, so "
+    "so the weights would change only the step length). famo recomputes the losses after each step, so "
     "not with --smart; gradnorm reads gradient norms on the last shared layer, so not "
     "with --mode frozen")
 
