@@ -40,6 +40,8 @@ from bert_demo.config import (
 from bert_demo.run_folder.weights import WEIGHT_CHOICES
 from bert_demo.tasks import TASKS
 from bert_demo.training.speed import PRECISIONS
+from bert_demo.training.weighting import WEIGHTINGS
+from gradtools.aggregation import available as available_aggregators
 
 if TYPE_CHECKING:
     from bert_demo.run_folder.folder import RunFolder
@@ -294,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seeds per row: 0, 1, ... N-1 (default: 1)")
     ablate.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                         help="only these rows: " + ", ".join(r.slug for r in ROWS)
-                        + " (or their names as in the table; default: all ten)")
+                        + " (or their names as in the table; default: all of these), or a row "
+                        "for any aggregator or loss weighting, the finetune baseline with it: "
+                        "agg-NAME (--aggregator NAME: " + ", ".join(available_aggregators())
+                        + ") or weight-NAME (--weighting NAME: " + ", ".join(WEIGHTINGS) + ")")
     ablate.add_argument("--out", default="runs/ablation",
                         help="folder of all runs and the table (default: runs/ablation)")
     ablate.add_argument("--no-progress", action="store_true",

@@ -1,5 +1,9 @@
 """`ablate`: the paper's ten-row table and two rows beyond it, each row over N seeds.
 
+``--rows`` may also name a row for any gradtools aggregator, ``agg-<name>`` (the
+finetune baseline with ``--aggregator <name>``), or loss weighting,
+``weight-<name>`` (with ``--weighting <name>``); see :func:`method_rows`.
+
 Every run trains in its own folder ``OUT/<row>/seed<k>``; a run whose final.json
 exists is skipped and one with only a checkpoint is resumed, so rerunning the
 command continues where it stopped. ``--jobs N`` trains N runs at once in
@@ -31,6 +35,9 @@ from bert_demo.run_folder.run_dir import resolve_device
 from bert_demo.run_folder.safe_write import write_text
 from bert_demo.tasks import PAPER_TASKS, TASKS
 from bert_demo.training.speed import resolve_precision, threads_for_jobs
+from bert_demo.training.weighting import WEIGHTINGS
+from gradtools.aggregation import available as available_aggregators
+from gradtools.aggregation import from_name as aggregator_from_name
 
 
 class TrainFunction(Protocol):
@@ -80,6 +87,39 @@ EXTRA_ROWS: tuple[Row, ...] = (
 )
 ROWS = PAPER_ROWS + EXTRA_ROWS
 
+# Rows asked for by name only (--rows), one per method: the finetune baseline with it.
+AGGREGATOR_ROW = "agg-"
+WEIGHTING_ROW = "weight-"
+
+
+def method_rows() -> tuple[Row, ...]:
+    """``agg-<name>`` for every registered aggregator (named as its class: "UPGrad",
+    "AlignedMTL") and ``weight-<name>`` for every loss weighting ("Uncertainty
+    weighting"). An aggregator that a fixed row already runs alone (PCGrad) is that row,
+    with ``agg-<name>`` as an alias, so its runs are not trained twice."""
+    rows: list[Row] = []
+    for name in available_aggregators():
+        overrides = {"aggregator": name}
+        if any(row.overrides == overrides for row in ROWS):
+            continue
+        rows.append(Row(type(aggregator_from_name(name)).__name__, AGGREGATOR_ROW + name,
+                        overrides))
+    for name, (_, title) in WEIGHTINGS.items():
+        rows.append(Row(title, WEIGHTING_ROW + name, {"weighting": name}))
+    return tuple(rows)
+
+
+def _rows_by_name() -> dict[str, Row]:
+    """Every row --rows accepts, by slug, table name, alias and agg-/weight- name."""
+    every = ROWS + method_rows()
+    known = ({r.slug: r for r in every} | {r.name: r for r in every}
+             | {alias: r for r in every for alias in r.aliases})
+    for row in ROWS:  # agg-pcgrad: the paper's PCGrad row
+        aggregator = row.overrides.get("aggregator")
+        if aggregator is not None and row.overrides == {"aggregator": aggregator}:
+            known[AGGREGATOR_ROW + aggregator] = row
+    return known
+
 # The paper's three tasks' metrics and the overall score, as table columns.
 METRICS = (*(TASKS[t].metric_name for t in PAPER_TASKS), "overall")
 HEADERS = (*(TASKS[t].metric_title for t in PAPER_TASKS), "overall")
@@ -121,7 +161,7 @@ COMPARABILITY = (
 def row_config(base: TrainConfig, row: Row, seed: int) -> TrainConfig:
     """The base settings with the row's methods switched on (and only those)."""
     methods = {"smart": False, "sts_aug": False, "mnrl_weight": 0.0,
-               "aggregator": None, "mode": "finetune", "tasks": base.tasks}
+               "aggregator": None, "weighting": None, "mode": "finetune", "tasks": base.tasks}
     extra = {**base.extra, "ablation_row": row.name}
     return base.with_overrides(**{**methods, **row.overrides, "seed": seed, "extra": extra})
 
@@ -129,12 +169,24 @@ def row_config(base: TrainConfig, row: Row, seed: int) -> TrainConfig:
 def select_rows(names: list[str] | None) -> tuple[Row, ...]:
     if names is None:
         return ROWS
-    known = ({r.slug: r for r in ROWS} | {r.name: r for r in ROWS}
-             | {alias: r for r in ROWS for alias in r.aliases})
+    known = _rows_by_name()
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"--rows: unknown row(s) {unknown}; rows are {[r.slug for r in ROWS]}")
+        raise ValueError(
+            f"--rows: unknown row(s) {unknown}; rows are {[r.slug for r in ROWS]}, "
+            f"{AGGREGATOR_ROW}<aggregator> for any of {available_aggregators()} and "
+            f"{WEIGHTING_ROW}<weighting> for any of {list(WEIGHTINGS)}")
     return tuple(known[n] for n in names)
+
+
+def check_rows(base: TrainConfig, rows: tuple[Row, ...]) -> None:
+    """Refuse, before anything trains, a row whose method cannot run on ``base`` (a
+    weighting with --tasks sst, ...), naming the row."""
+    for row in rows:
+        try:
+            row_config(base, row, 0)
+        except ValueError as error:
+            raise ValueError(f"--rows {row.slug}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -187,6 +239,8 @@ def run_ablation(
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     selected = select_rows(rows)
+    if not table_only:
+        check_rows(base, selected)
     out.mkdir(parents=True, exist_ok=True)
     # Every run already there (finished, or to be resumed) must have this ablation's settings.
     check_same_settings(base, out, selected, seeds)
@@ -436,8 +490,8 @@ def markdown_table(summary: dict[str, Any], base: TrainConfig, seeds: int) -> st
             lines.append(f"| {row.name} | " + " | ".join(
                 f"{test[m]:.3f}" for m in METRICS[:3]) + " |")
     settings = {k: v for k, v in base.to_dict().items()
-                if k not in ("smart", "pcgrad", "sts_aug", "mnrl_weight", "aggregator", "mode",
-                             "seed", "extra")}
+                if k not in ("smart", "pcgrad", "sts_aug", "mnrl_weight", "aggregator",
+                             "weighting", "mode", "seed", "extra")}
     lines += ["", "Settings shared by every row: `" + json.dumps(settings, sort_keys=True) + "`", ""]
     return "\n".join(lines)
 

@@ -110,8 +110,12 @@ def _draw_row(ax: Any, y: float, name: str, comparison: Mapping[str, Any],
                                ("example_interval", EXAMPLE_COLOR, 0.14)):
         bounds = comparison[key]
         if bounds is not None:
+            # The mean comes from the runs' dev scores, the example interval from the saved
+            # predictions; two rows that predict alike can give an interval [0, 0] beside a
+            # mean of a rounding's size, which matplotlib refuses as a negative error.
+            below, above = max(0.0, mean - bounds[0]), max(0.0, bounds[1] - mean)
             drawn[key] = _interval_of(ax.errorbar(
-                mean, y + offset, xerr=[[mean - bounds[0]], [bounds[1] - mean]], fmt="o",
+                mean, y + offset, xerr=[[below], [above]], fmt="o",
                 color=color, markersize=5, capsize=3, elinewidth=2,
                 markerfacecolor=color if filled else "white"))
     if not drawn:  # one seed and no saved predictions: the mean alone

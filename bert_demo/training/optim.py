@@ -28,7 +28,8 @@ def make_optimizer(
     ``adamw_impl`` (fused, foreach, for-loop) picks gradtools.AdamW's implementation;
     resolve ``fused`` with :func:`bert_demo.training.speed.resolve_adamw_impl` first.
     """
-    groups = [dict(g, weight_decay=weight_decay) for g in param_groups]
+    # A group may set its own weight decay (the loss weights of --weighting: none).
+    groups = [{"weight_decay": weight_decay, **g} for g in param_groups]
     if name == "adamw":
         flags = adamw_flags(adamw_impl)
         return gradtools.AdamW(groups, fused=flags["fused"], foreach=flags["foreach"])

@@ -2,9 +2,10 @@
 
 Each step draws one batch per task (the order is a pure function of seed and step,
 see :mod:`bert_demo.tasks.batching`), computes each task's loss (plus SMART's adversarial
-and Bregman terms with ``smart``), and either sums the losses or hands them to
-the aggregator (``--aggregator``; PCGrad removes conflicting components), which combines
-the task gradients before the optimizer step.
+and Bregman terms with ``smart``), optionally weights them (``--weighting``, a
+:mod:`gradtools.weighting` method, see :mod:`bert_demo.training.weighting`), and either
+sums the losses or hands them to the aggregator (``--aggregator``; PCGrad removes
+conflicting components), which combines the task gradients before the optimizer step.
 
 A run lives in one folder, which :class:`bert_demo.run_folder.folder.RunFolder` owns (what
 is written there, when, and what may change on resume); the Trainer sets up, steps and
@@ -63,6 +64,8 @@ from bert_demo.training.regularization import SmartTerms
 from bert_demo.training.speed import autocast, resolve_adamw_impl, resolve_precision
 from bert_demo.training.tensorboard_log import TensorBoardLog
 from bert_demo.training.tensorboard_log import check_available as check_tensorboard
+from bert_demo.training.weighting import build_weighting, shared_layer
+from gradtools.weighting import DWA, FAMO, LossWeighting
 
 __all__ = ["RESUMABLE", "Trainer", "aggregator_summary", "build_model", "steps_per_epoch", "total_steps", "train"]
 
@@ -194,6 +197,13 @@ class Trainer:
         # The one generator of the aggregator's random draws (PCGrad's visiting orders);
         # its state travels in the optimizer's state dict.
         self.aggregator_generator = torch.Generator().manual_seed(config.seed)
+        # --weighting's module; its learnable weights train in the heads' param group.
+        self.weighting: LossWeighting | None = None
+        if config.weighting is not None:
+            self.weighting = build_weighting(
+                config.weighting, len(config.tasks), seed=config.seed,
+                shared=lambda: shared_layer(self.model, config.pooling),
+                process_group=self.ranks.group).to(self.device)
         self.optimizer = self._make_optimizer()
         self.schedule = make_schedule(self.optimizer, config.schedule, self.total, config.warmup)
         self.smart = SmartTerms(config, self.model, self.total) if config.smart else None
@@ -256,6 +266,12 @@ class Trainer:
         groups: list[dict[str, Any]] = [{"params": self.model.head_parameters(), "lr": head_lr}]
         if config.mode == "finetune":
             groups.insert(0, {"params": list(self.model.encoder.parameters()), "lr": config.lr})
+        learned = [] if self.weighting is None else list(self.weighting.parameters())
+        if learned:
+            # The loss weights learn at the heads' rate, without weight decay: it would pull
+            # them toward their initial values (UW's log-variances toward 0), which none of
+            # the methods' papers does.
+            groups.append({"params": learned, "lr": head_lr, "weight_decay": 0.0})
         optimizer = make_optimizer(config.optimizer, groups, config.weight_decay,
                                    self.adamw_impl or "for-loop")
         # With several processes each task's gradient is averaged over them before the
@@ -281,6 +297,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "smart": None if self.smart is None else self.smart.state_dict(),
+            "weighting": None if self.weighting is None else self.weighting.state_dict(),
             "step": self.step,
             "elapsed_s": self.elapsed,
             "metrics": json.dumps(self.last_metrics),
@@ -341,6 +358,8 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         if self.smart is not None:
             self.smart.load_state_dict(state["smart"])
+        if self.weighting is not None:
+            self.weighting.load_state_dict(state["weighting"])
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed_s"])
         self.last_metrics = json.loads(state["metrics"])
@@ -359,6 +378,7 @@ class Trainer:
         model.train()
         stats: dict[str, float] = {}
         losses: list[Tensor] = []
+        batches = []
         for task in config.tasks:
             examples = self.train_sets[task]
             # The global batch of all processes, then this process's share of it.
@@ -376,20 +396,8 @@ class Trainer:
                 sts_aug=config.sts_aug,
             ).to(self.device)
             assert batch.labels is not None  # training files are labeled
-            # Forward passes (SMART's and the teacher's too) run in the run's precision;
-            # the losses outside autocast, in float32 (MNRL's matmul included).
-            with autocast(self.precision, self.device):
-                embeds = model.embed(batch.input_ids, batch.token_type_ids)
-                output, vectors = model.forward_with_vectors(task, embeds, batch.attention_mask)
-            output = output.float()
-            loss = get_task(task).loss(output, batch.labels)
-            stats[f"loss_{task}"] = loss.item()
-            if task == MNRL_TASK and config.mnrl_weight > 0:
-                anchors, candidates = vectors.float().chunk(2)
-                mnrl = multiple_negatives_ranking_loss(
-                    anchors, candidates, batch.labels, config.mnrl_scale)
-                stats["mnrl"] = mnrl.item()
-                loss = loss + config.mnrl_weight * mnrl
+            batches.append(batch)
+            loss, embeds, output = self._task_loss(task, batch, stats)
             if self.smart is not None:
                 # gradtools.SMART keeps its perturbation and divergences in float32.
                 with autocast(self.precision, self.device):
@@ -408,7 +416,9 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            if config.combines_task_gradients:
+            if self.weighting is not None:
+                self._weighted_backward(losses)
+            elif config.combines_task_gradients:
                 self.optimizer.backward(losses)  # type: ignore[attr-defined]
             else:
                 torch.stack(losses).sum().backward()
@@ -421,11 +431,80 @@ class Trainer:
         self.schedule.step()
         if config.combines_task_gradients:
             stats.update(aggregator_summary(self.optimizer, config.tasks))
+        if self.weighting is not None:
+            stats.update(self._weighting_summary(stats))
+            self._after_weighted_step(batches)
         if self.smart is not None:
             self.smart.after_step(model)
         self.step += 1
         # Losses and SMART terms were measured on this rank's rows: log their mean.
         return self.ranks.mean_of(stats)
+
+    def _task_loss(
+        self, task: str, batch: Any, stats: dict[str, float]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The task's loss on ``batch`` (with MNRL's term), its input embeddings and output."""
+        config, model = self.config, self.model
+        # Forward passes (SMART's and the teacher's too) run in the run's precision;
+        # the losses outside autocast, in float32 (MNRL's matmul included).
+        with autocast(self.precision, self.device):
+            embeds = model.embed(batch.input_ids, batch.token_type_ids)
+            output, vectors = model.forward_with_vectors(task, embeds, batch.attention_mask)
+        output = output.float()
+        loss = get_task(task).loss(output, batch.labels)
+        stats[f"loss_{task}"] = loss.item()
+        if task == MNRL_TASK and config.mnrl_weight > 0:
+            anchors, candidates = vectors.float().chunk(2)
+            mnrl = multiple_negatives_ranking_loss(
+                anchors, candidates, batch.labels, config.mnrl_scale)
+            stats["mnrl"] = mnrl.item()
+            loss = loss + config.mnrl_weight * mnrl
+        return loss, embeds, output
+
+    def _weighted_backward(self, losses: list[Tensor]) -> None:
+        """--weighting: the weighted loss's gradient (summed), or the weighted task losses
+        handed to the aggregator."""
+        weighting = self.weighting
+        assert weighting is not None
+        if not self.config.combines_task_gradients:
+            weighting(losses).backward()
+            self.ranks.average_gradients(self.model.parameters())
+            return
+        # One call of the weighting (DWA counts the calls, RLW draws on each) on detached
+        # copies of the losses: its own parameters get their gradient, and the losses'
+        # gradients are the weights of the task losses the aggregator combines. The
+        # weighting's parameters then stay out of the aggregator's graph (the aggregator
+        # would take them for shared parameters, every task reaching them).
+        detached = torch.stack([loss.detach() for loss in losses]).requires_grad_()
+        weighting(detached).backward()
+        assert detached.grad is not None
+        weights = detached.grad.detach()
+        self.optimizer.backward(  # type: ignore[attr-defined]
+            [w * loss for w, loss in zip(weights.unbind(), losses, strict=True)])
+
+    def _weighting_summary(self, stats: dict[str, float]) -> dict[str, float]:
+        """The loss weights as ``weight_<task>``; with an aggregator, which already logged its
+        own weights as ``weight_<task>``, as ``loss_weight_<task>`` and ``weight_<task>`` the
+        product: each task's raw gradient's weight in the step."""
+        assert self.weighting is not None
+        summary: dict[str, float] = {}
+        for task, weight in zip(self.config.tasks, self.weighting.weights.tolist(), strict=True):
+            if f"weight_{task}" in stats:
+                summary[f"loss_weight_{task}"] = weight
+                summary[f"weight_{task}"] = stats[f"weight_{task}"] * weight
+            else:
+                summary[f"weight_{task}"] = weight
+        return summary
+
+    def _after_weighted_step(self, batches: list[Any]) -> None:
+        """FAMO's logit step (on the losses recomputed on this step's batches) and DWA's epoch end."""
+        if isinstance(self.weighting, FAMO):
+            with torch.no_grad():
+                after = [self._task_loss(task, batch, {})[0]
+                         for task, batch in zip(self.config.tasks, batches, strict=True)]
+            self.weighting.update(torch.stack(after))
+        if isinstance(self.weighting, DWA) and (self.step + 1) % self.per_epoch == 0:
+            self.weighting.end_epoch()
 
     # ------------------------------------------------------------------ the loop
 
