@@ -25,6 +25,8 @@ left it pending.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -598,7 +600,7 @@ class MultiTask(Optimizer):
         else:
             with record_function(f"{name}.weights"):
                 grouped, block_of = self._group_blocks(loose_shared, shared_blocks)
-                aggregation = self._aggregate(state, grouped)
+                aggregation = self._aggregate(state, grouped, self._block_keys(block_of))
                 weights = aggregation.weights
                 self._stats_source = partial(
                     step_stats,
@@ -633,13 +635,36 @@ class MultiTask(Optimizer):
         if self.process_group is not None:
             state.synced = True
 
-    def _aggregate(self, state: _StepState, grouped: Tensor) -> agg.Aggregation:
+    def _aggregate(
+        self, state: _StepState, grouped: Tensor, block_keys: list[tuple[object, ...]]
+    ) -> agg.Aggregation:
         """The aggregator's weights, its state advanced once per step however often this runs."""
         if state.aggregator_state is None:
             state.aggregator_state = copy.deepcopy(self.aggregator.state_dict())
         elif state.aggregator_state:
             self.aggregator.load_state_dict(copy.deepcopy(state.aggregator_state))
-        return self.aggregator.aggregate(grouped, state.draw)
+        method = self.aggregator.aggregate
+        if not _takes_keyword(getattr(method, "__func__", method), "block_keys"):
+            # An aggregator written before block_keys existed: it keys nothing by block.
+            return self.aggregator.aggregate(grouped, state.draw)
+        return self.aggregator.aggregate(grouped, state.draw, block_keys=block_keys)
+
+    def _block_keys(self, block_of: dict[Tensor, int]) -> list[tuple[object, ...]]:
+        """What each aggregated block is, for stateful aggregators: ``("tensor", i)`` (i the
+        parameter's position in ``param_groups``, as torch optimizers key their
+        ``state_dict``), ``("group", k)`` or ``("all",)``; stable when a tensor is
+        reached on some steps only."""
+        if self.granularity == "all" or not block_of:
+            return [("all",)]
+        if self.granularity == "tensor":
+            position = {p: i for i, p in enumerate(self._params())}
+            keys: dict[int, tuple[object, ...]] = {
+                b: ("tensor", position[p]) for p, b in block_of.items()
+            }
+        else:
+            group_of = {p: k for k, g in enumerate(self.param_groups) for p in g["params"]}
+            keys = {b: ("group", group_of[p]) for p, b in block_of.items()}
+        return [keys[b] for b in range(len(keys))]
 
     def _split_shared(
         self, state: _StepState, params: list[Tensor]
@@ -692,6 +717,13 @@ class MultiTask(Optimizer):
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` accepts the keyword argument ``name`` (or any, via ``**kwargs``)."""
+    parameters = inspect.signature(function).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _gram_item(state: _StepState, p: Tensor) -> GramItem:

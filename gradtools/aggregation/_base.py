@@ -15,6 +15,7 @@ is called once per step with the wrapper's seeded generator, and under DDP rank
 from __future__ import annotations
 
 import abc
+from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -64,7 +65,13 @@ class Aggregator(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        block_keys: Sequence[Hashable] | None = None,
+    ) -> Aggregation:
         """Combination weights for each block.
 
         Args:
@@ -72,6 +79,12 @@ class Aggregator(abc.ABC):
                 semi-definite (one block per granularity unit).
             draw: what :meth:`draw` returned this step (``None`` for
                 deterministic methods).
+            block_keys: one hashable key per block naming what the block is
+                (:class:`gradtools.MultiTask` passes ``("tensor", i)`` with i the
+                parameter's position in ``param_groups``, ``("group", k)`` or
+                ``("all",)``). Stateful methods keep their state per key, so a
+                block that is absent on some steps neither loses its state nor
+                lends it to another. ``None`` (a direct call): the block's index.
         """
 
     def head_weight(self, num_tasks: int) -> float:
@@ -99,6 +112,26 @@ class Aggregator(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def resolve_block_keys(
+    block_keys: Sequence[Hashable] | None, num_blocks: int, owner: str
+) -> list[Hashable]:
+    """``block_keys`` as a list (the block indices when ``None``), checked against the blocks."""
+    if block_keys is None:
+        return list(range(num_blocks))
+    keys = list(block_keys)
+    if len(keys) != num_blocks:
+        raise ValueError(
+            f"{owner}.aggregate got {len(keys)} block_keys for {num_blocks} Gram blocks"
+        )
+    try:
+        distinct = len(set(keys))
+    except TypeError as error:
+        raise ValueError(f"{owner}.aggregate: block_keys must be hashable ({error})") from None
+    if distinct != num_blocks:
+        raise ValueError(f"{owner}.aggregate: block_keys must be distinct, got {keys!r}")
+    return keys
 
 
 def required_draw(draw: Tensor | None, owner: str, what: str) -> Tensor:
@@ -130,7 +163,13 @@ class BlockAggregator(Aggregator):
     gradients are all zero gets :meth:`zero_weights`.
     """
 
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        block_keys: Sequence[Hashable] | None = None,
+    ) -> Aggregation:
         gram = checked_gram(gram)
         num_blocks, num_tasks, _ = gram.shape
         blocks = gram.numpy()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -20,7 +22,13 @@ class Sum(Aggregator):
 
     name = "sum"
 
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        block_keys: Sequence[Hashable] | None = None,
+    ) -> Aggregation:
         gram = checked_gram(gram)
         return Aggregation(torch.ones(gram.shape[:2], dtype=torch.float64))
 
@@ -34,7 +42,13 @@ class Mean(Aggregator):
 
     name = "mean"
 
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        block_keys: Sequence[Hashable] | None = None,
+    ) -> Aggregation:
         gram = checked_gram(gram)
         num_tasks = gram.shape[-1]
         return Aggregation(torch.full(gram.shape[:2], 1.0 / num_tasks, dtype=torch.float64))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -35,7 +37,13 @@ class Random(Aggregator):
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         return torch.randn(num_tasks, generator=generator, dtype=torch.float64)
 
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        block_keys: Sequence[Hashable] | None = None,
+    ) -> Aggregation:
         gram = checked_gram(gram)
         num_blocks, num_tasks, _ = gram.shape
         draw = required_draw(draw, "Random", "its normal draw")
