@@ -20,8 +20,9 @@ from gradtools.aggregation._base import (
 from gradtools.aggregation._gram import norms_and_correlation_np
 from gradtools.aggregation._solvers import power_balance
 
-# numpy 2.4's bundled stubs hide numpy.linalg's functions from mypy 2.4.
+# numpy 2.4's bundled stubs hide or mistype some numpy functions for mypy 2.4.
 _linalg: Any = np.linalg
+_np: Any = np
 
 
 def _balance_on_units(gram: np.ndarray, alpha: float, start: np.ndarray | None) -> np.ndarray:
@@ -201,7 +202,7 @@ class NashMTL(BlockAggregator):
 GRAM_EPS_FACTOR = 256.0
 
 
-def gram_accuracy(block: Tensor) -> float:
+def gram_accuracy(block: np.ndarray) -> float:
     """Relative accuracy of one float64 Gram block: ``GRAM_EPS_FACTOR`` times float32's
     eps when every entry is a float32 number (a Gram computed in float32 carries
     float32's accuracy, not float64's), else times float64's.
@@ -209,35 +210,37 @@ def gram_accuracy(block: Tensor) -> float:
     A heuristic: a sum of float32 blocks done in float64 (several buckets under
     ``granularity="all"``, a parameter group) is taken for float64-accurate.
     """
-    narrow = block.to(torch.float32)
-    if bool(torch.isfinite(narrow).all()) and torch.equal(narrow.to(block.dtype), block):
-        return GRAM_EPS_FACTOR * torch.finfo(torch.float32).eps
-    return GRAM_EPS_FACTOR * torch.finfo(torch.float64).eps
+    with _np.errstate(over="ignore"):
+        narrow = block.astype(np.float32)
+    if _np.isfinite(narrow).all() and np.array_equal(narrow, block):
+        return GRAM_EPS_FACTOR * float(np.finfo(np.float32).eps)
+    return GRAM_EPS_FACTOR * float(np.finfo(np.float64).eps)
 
 
-def update_norm_bound(gram: Tensor, weights: Tensor, accuracy: Tensor) -> Tensor:
-    """An upper bound of ``|d| = |sum_i w_i g_i|`` per block from the Gram blocks.
+def update_norm_bound(gram: np.ndarray, weights: np.ndarray, accuracy: float) -> float:
+    """An upper bound of ``|d| = |sum_i w_i g_i|`` from one ``[T, T]`` Gram block.
 
     ``w'Gw`` is exact only to ``accuracy * (sum_i |w_i| |g_i|)^2`` when every entry
     of G is accurate to ``accuracy * |g_i| |g_j|``. On almost opposite gradients
     with large weights, w'Gw is below that and may come out negative: the true
     ``|d|^2`` can then be anything up to the bound, so the bound adds it (a norm
     clamped to 0 instead would let any step through). Computed on ``w / max|w|``
-    so that nothing overflows. ``accuracy``: ``[B]``.
+    so that nothing overflows.
     """
-    big = weights.abs().amax(-1, keepdim=True).clamp(min=1e-300)
+    big = max(float(_np.abs(weights).max(initial=0.0)), 1e-300)
     unit = weights / big
-    quadratic = torch.einsum("bi,bij,bj->b", unit, gram, unit).clamp(min=0.0)
-    norms = gram.diagonal(dim1=-2, dim2=-1).clamp(min=0.0).sqrt()
-    spread = (unit.abs() * norms).sum(-1)
-    return (quadratic + accuracy * spread * spread).sqrt() * big.squeeze(-1)
+    quadratic = max(float(unit @ gram @ unit), 0.0)
+    spread = float(np.abs(unit) @ _np.sqrt(_np.maximum(gram.diagonal(), 0.0)))
+    return math.sqrt(quadratic + accuracy * spread * spread) * big
 
 
 def clip_factors(gram: Tensor, weights: Tensor, max_norm: float) -> Tensor:
     """``[B]`` factors that scale each block's weights so that ``|d| <= max_norm``."""
-    accuracy = torch.tensor([gram_accuracy(block) for block in gram], dtype=torch.float64)
-    norm = update_norm_bound(gram, weights, accuracy)
-    return torch.where(norm > max_norm, max_norm / norm.clamp(min=1e-300), 1.0)
+    factors = []
+    for block, w in zip(gram.numpy(), weights.numpy(), strict=True):
+        norm = update_norm_bound(block, w, gram_accuracy(block))
+        factors.append(max_norm / norm if norm > max_norm else 1.0)
+    return torch.tensor(factors, dtype=torch.float64)
 
 
 @register
