@@ -49,3 +49,28 @@ def test_default_aggregators_reach_the_front_from_the_papers_starts(one_thread, 
         path = toy["trajectory"](name, start, 200, 0.1)
         end = toy["losses_at"](path[-1:])[0]
         assert toy["distance_to_front"](end, front) <= toy["FRONT_TOLERANCE"], (start, end)
+
+
+def test_nash_max_norm_holds_on_the_front_through_multitask(one_thread, toy) -> None:
+    """On the toy's front the two float32 gradients are almost exactly opposite; the old clip
+    let 148 of these 400 updates exceed max_norm=1 (up to about 8)."""
+    import torch
+
+    import gradtools
+    from gradtools import aggregation as agg
+
+    x = torch.nn.Parameter(torch.tensor([9.0, -1.0]))
+    opt = gradtools.MultiTask(torch.optim.Adam([x], lr=0.05), agg.NashMTL(max_norm=1.0))
+    norms = []
+    for _ in range(400):
+        opt.zero_grad()
+        opt.backward(list(toy["toy_losses"](x)))
+        norms.append(float(x.grad.norm()))
+        opt.step()
+    assert max(norms) <= 1.0 + 1e-3  # float32 rounding of the weighted sum
+    assert (
+        toy["distance_to_front"](
+            toy["losses_at"](x.detach().double().numpy()[None])[0], toy["pareto_front"]()
+        )
+        <= toy["FRONT_TOLERANCE"]
+    )
