@@ -103,7 +103,7 @@ def distance_to_front(losses: np.ndarray, front: np.ndarray) -> float:
     return float(np.sqrt(((front - losses) ** 2).sum(-1)).min())
 
 
-def plot(runs: dict[str, list[np.ndarray]], front: np.ndarray, out: Path) -> None:
+def plot(runs: dict[str, list[np.ndarray]], front: np.ndarray, out: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,6 +125,8 @@ def plot(runs: dict[str, list[np.ndarray]], front: np.ndarray, out: Path) -> Non
         ax.set_ylabel("f2")
     for ax in axes.ravel()[len(runs) :]:
         ax.axis("off")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
                 f"{name:10s} start {STARTS[i]!s:12s} -> x ({path[-1, 0]:7.3f}, {path[-1, 1]:7.3f})"
                 f" losses ({end[0]:8.4f}, {end[1]:8.4f}) distance {distance:.4f} {mark}"
             )
-    plot(runs, front, args.out)
+    title = f"MultiTask(Adam(lr={args.lr:g})), {args.steps} steps; stars: endpoints"
+    plot(runs, front, args.out, title)
     print(f"wrote {args.out}")
     return distances
 
