@@ -125,9 +125,15 @@ def plot(runs: dict[str, list[np.ndarray]], front: np.ndarray, out: Path, title:
         ax.set_title(name)
         ax.set_xlabel("f1 (x 0.1)")
         ax.set_ylabel("f2")
-    axes.ravel()[0].legend(fontsize=7, loc="lower right")
-    for ax in axes.ravel()[len(runs) :]:
+    spare = axes.ravel()[len(runs) :]
+    for ax in spare:
         ax.axis("off")
+    # The legend goes where no trajectory is: a spare panel, or else outside the last row.
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    if len(spare):
+        spare[0].legend(handles, labels, loc="center", fontsize=9)
+    else:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
