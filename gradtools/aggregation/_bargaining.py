@@ -53,8 +53,8 @@ class NashMTL(BlockAggregator):
 
     The Nash bargaining solution: the weights ``a > 0`` with ``a_i (G a)_i = 1`` on
     the Gram matrix G of the raw gradients (the paper's Eq. 3, and what the
-    official code, torchjd and LibMTL solve: they divide G by its Frobenius norm
-    for their solver and multiply it back in its constraint). Every task's share
+    official code and torchjd solve: they divide G by its Frobenius norm for
+    their solver and multiply it back in its constraint). Every task's share
     ``<d, g_i>`` of the update ``d = sum a_t g_t`` is ``1 / a_i``, and
     ``|d|^2 = sum_i a_i (G a)_i = T``: the update norm is ``sqrt(T)`` whatever the
     gradients' scale, and NashMTL equals ``FairGrad(alpha=1)`` (before the clip).
