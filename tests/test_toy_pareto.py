@@ -30,6 +30,7 @@ def toy():
 
 
 def test_script_runs_and_writes_its_png(one_thread, tmp_path, monkeypatch, capsys) -> None:
+    pytest.importorskip("matplotlib")  # the demo extra
     out = tmp_path / "toy.png"
     argv = ["toy_pareto.py", "--steps", "3", "--aggregators", "sum", "nashmtl", "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
