@@ -223,7 +223,7 @@ def combine_features(opt: MultiTask, state: _StepState) -> None:
             projects=opt.aggregator.name == "pcgrad",
         )  # fmt: skip
     else:
-        aggregation = opt._aggregate(state, gram.unsqueeze(0))
+        aggregation = opt._aggregate(state, gram.unsqueeze(0), [("all",)])
         weights = aggregation.weights
         blocks = gram.unsqueeze(0)
         opt._stats_source = lambda: step_stats(

@@ -650,7 +650,7 @@ class MultiTask(Optimizer):
         else:
             with record_function(f"{name}.weights"):
                 grouped, block_of = self._group_blocks(loose_shared, shared_blocks)
-                aggregation = self._aggregate(state, grouped)
+                aggregation = self._aggregate(state, grouped, self._block_keys(block_of))
                 weights = aggregation.weights
                 self._stats_source = partial(
                     step_stats,
@@ -686,13 +686,34 @@ class MultiTask(Optimizer):
         if self.process_group is not None:
             state.synced = True
 
-    def _aggregate(self, state: _StepState, grouped: Tensor) -> agg.Aggregation:
+    def _aggregate(
+        self, state: _StepState, grouped: Tensor, block_keys: list[tuple[object, ...]]
+    ) -> agg.Aggregation:
         """The aggregator's weights, its state advanced once per step however often this runs."""
         if state.aggregator_state is None:
             state.aggregator_state = copy.deepcopy(self.aggregator.state_dict())
         elif state.aggregator_state:
             self.aggregator.load_state_dict(copy.deepcopy(state.aggregator_state))
-        return agg.aggregate_with(self.aggregator, grouped, state.draw, precision=state.precision)
+        # An aggregator written before a keyword existed simply does not get it.
+        return agg.aggregate_with(self.aggregator, grouped, state.draw,
+                                  precision=state.precision, block_keys=block_keys)
+
+    def _block_keys(self, block_of: dict[Tensor, int]) -> list[tuple[object, ...]]:
+        """What each aggregated block is, for stateful aggregators: ``("tensor", i)`` (i the
+        parameter's position in ``param_groups``, as torch optimizers key their
+        ``state_dict``), ``("group", k)`` or ``("all",)``; stable when a tensor is
+        reached on some steps only."""
+        if self.granularity == "all" or not block_of:
+            return [("all",)]
+        if self.granularity == "tensor":
+            position = {p: i for i, p in enumerate(self._params())}
+            keys: dict[int, tuple[object, ...]] = {
+                b: ("tensor", position[p]) for p, b in block_of.items()
+            }
+        else:
+            group_of = {p: k for k, g in enumerate(self.param_groups) for p in g["params"]}
+            keys = {b: ("group", group_of[p]) for p, b in block_of.items()}
+        return [keys[b] for b in range(len(keys))]
 
     def _split_shared(
         self, state: _StepState, params: list[Tensor]

@@ -37,6 +37,7 @@ def every_aggregator() -> list[agg.Aggregator]:
         agg.UPGrad(),
         agg.DualProj(),
         agg.NashMTL(),
+        agg.NashMTL(max_norm=None, normalize_gram=True),
         agg.FairGrad(alpha=2.0),
         agg.GradVac(),
     ]

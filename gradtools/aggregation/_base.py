@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import inspect
 import math
+from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -76,7 +77,12 @@ class Aggregator(abc.ABC):
 
     @abc.abstractmethod
     def aggregate(
-        self, gram: Tensor, draw: Tensor | None, *, precision: float | None = None
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
     ) -> Aggregation:
         """Combination weights for each block.
 
@@ -92,6 +98,12 @@ class Aggregator(abc.ABC):
                 this precision; see :func:`gram_precision`. ``None``: the epsilon
                 of ``gram``'s dtype (float64's for a float64 Gram).
                 :class:`gradtools.MultiTask` passes its gradients' epsilon.
+            block_keys: one hashable key per block naming what the block is
+                (:class:`gradtools.MultiTask` passes ``("tensor", i)`` with i the
+                parameter's position in ``param_groups``, ``("group", k)`` or
+                ``("all",)``). Stateful methods keep their state per key, so a
+                block that is absent on some steps neither loses its state nor
+                lends it to another. ``None`` (a direct call): the block's index.
         """
 
     def head_weight(self, num_tasks: int) -> float:
@@ -148,6 +160,26 @@ def aggregate_with(
     return method(gram, draw, **{k: v for k, v in keywords.items() if k in taken})
 
 
+def resolve_block_keys(
+    block_keys: Sequence[Hashable] | None, num_blocks: int, owner: str
+) -> list[Hashable]:
+    """``block_keys`` as a list (the block indices when ``None``), checked against the blocks."""
+    if block_keys is None:
+        return list(range(num_blocks))
+    keys = list(block_keys)
+    if len(keys) != num_blocks:
+        raise ValueError(
+            f"{owner}.aggregate got {len(keys)} block_keys for {num_blocks} Gram blocks"
+        )
+    try:
+        distinct = len(set(keys))
+    except TypeError as error:
+        raise ValueError(f"{owner}.aggregate: block_keys must be hashable ({error})") from None
+    if distinct != num_blocks:
+        raise ValueError(f"{owner}.aggregate: block_keys must be distinct, got {keys!r}")
+    return keys
+
+
 def required_draw(draw: Tensor | None, owner: str, what: str) -> Tensor:
     """``draw`` itself; a ValueError naming the method when the wrapper's per-step draw is missing."""
     if draw is None:
@@ -199,7 +231,12 @@ class BlockAggregator(Aggregator):
     """
 
     def aggregate(
-        self, gram: Tensor, draw: Tensor | None, *, precision: float | None = None
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
     ) -> Aggregation:
         precision = gram_precision(gram, precision)
         gram = checked_gram(gram)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -27,7 +29,12 @@ class Sum(Aggregator):
     name = "sum"
 
     def aggregate(
-        self, gram: Tensor, draw: Tensor | None, *, precision: float | None = None
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
     ) -> Aggregation:
         gram_precision(gram, precision)  # validated; fixed weights need none
         gram = checked_gram(gram)
@@ -44,7 +51,12 @@ class Mean(Aggregator):
     name = "mean"
 
     def aggregate(
-        self, gram: Tensor, draw: Tensor | None, *, precision: float | None = None
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
     ) -> Aggregation:
         gram_precision(gram, precision)  # validated; fixed weights need none
         gram = checked_gram(gram)

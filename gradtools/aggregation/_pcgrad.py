@@ -28,6 +28,7 @@ onto them, and their own coefficient row is the identity.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -223,7 +224,12 @@ class PCGrad(Aggregator):
         return draw_orders(num_tasks, generator)
 
     def aggregate(
-        self, gram: Tensor, draw: Tensor | None, *, precision: float | None = None
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
     ) -> Aggregation:
         gram_precision(gram, precision)  # validated; the projections are continuous in the Gram
         gram = checked_gram(gram)

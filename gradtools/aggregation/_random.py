@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -37,7 +39,12 @@ class Random(Aggregator):
         return torch.randn(num_tasks, generator=generator, dtype=torch.float64)
 
     def aggregate(
-        self, gram: Tensor, draw: Tensor | None, *, precision: float | None = None
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
     ) -> Aggregation:
         gram_precision(gram, precision)  # validated; the weights do not depend on the Gram
         gram = checked_gram(gram)

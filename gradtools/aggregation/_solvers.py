@@ -15,7 +15,8 @@ relative ones.
   the gradients are linearly dependent.
 - :func:`power_balance`: the positive ``x`` with ``(Qx)_i = k_i x_i^(-1/a)`` (Nash-MTL
   for a = 1, FairGrad in general), by damped Newton on a strictly convex
-  potential, to a relative residual of ``BALANCE_TOL``.
+  potential, to a relative residual of ``BALANCE_TOL`` or until a step leaves
+  x unchanged.
 - :func:`psd_pinv`: pseudo-inverse of a symmetric PSD matrix by eigendecomposition,
   dropping the eigenvalues below :func:`noise_floor`.
 """
@@ -132,8 +133,10 @@ def power_balance(
     ``1/2 x'(Q + rI)x + sum_i k_i h(x_i)`` with ``h'(x) = -x^(-1/alpha)``, found by
     Newton's method with a backtracking line search that keeps x positive,
     started from the solution for Q = I. Stops when every
-    ``|x_i^(1/alpha) ((Q + rI)x)_i / k_i - 1| <= BALANCE_TOL`` (or after 200 steps,
-    returning the last positive iterate).
+    ``|x_i^(1/alpha) ((Q + rI)x)_i / k_i - 1| <= BALANCE_TOL``, or when a step no
+    longer changes x (bit-identical: the residual is then at float64's limit for
+    this Q, which happens when Q is nearly singular), or after 200 steps,
+    returning the last positive iterate.
     """
     n = q.shape[0]
     q = q + BALANCE_RIDGE * np.eye(n)
@@ -169,8 +172,18 @@ def power_balance(
             t *= 0.5
         else:
             break
+        if unchanged(trial, x):
+            # The step is below x's last bit: float64 cannot get closer. This is
+            # where a near-singular Q (almost opposite gradients, on the Pareto
+            # front) leaves the residual above BALANCE_TOL for good.
+            break
         x, value = trial, trial_value
     return x
+
+
+def unchanged(new: np.ndarray, old: np.ndarray) -> bool:
+    """Whether a solver step left its iterate bit-identical (its stopping rule at float64's limit)."""
+    return bool(np.array_equal(new, old))
 
 
 def noise_floor(n: int, precision: float) -> float:
