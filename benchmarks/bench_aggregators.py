@@ -7,7 +7,13 @@ Side by side, interleaved round-robin in one run, medians: ours, and torchjd
 solvers we do not install (UPGrad/DualProj need quadprog, CAGrad/Nash-MTL
 cvxpy). The Gram block comes from a random [T, 4096] float64 Jacobian.
 
-    .venv/bin/python benchmarks/bench_aggregators.py [--repeats 41] [--tasks 3 10]
+    .venv/bin/python benchmarks/bench_aggregators.py [--repeats 41] [--tasks 3 10] [--front-only]
+
+A second table times Nash-MTL and FairGrad on the Pareto front (two almost
+opposite gradients, 1 + cos from 1e-7 down to 0), where the bargaining equation
+is nearly singular, against a generic block: their Newton solver now stops when
+a step leaves the iterate bit-identical; "no stop" is the same solver with that
+rule switched off (the behaviour before it: 200 Newton steps).
 """
 
 from __future__ import annotations
@@ -56,13 +62,62 @@ def torchjd_variants(gram: torch.Tensor) -> dict[str, Callable[[], object]]:
     return {name: (lambda w=w: w(block)) for name, w in weightings.items()}
 
 
+def front_table(repeats: int) -> None:
+    """Nash-MTL/FairGrad per-call time on almost opposite gradients, with and without the stop."""
+    from gradtools.aggregation import _solvers
+
+    rng = torch.Generator().manual_seed(2)
+    g = torch.randn(4096, dtype=torch.float64, generator=rng)
+    noise = torch.randn(4096, dtype=torch.float64, generator=rng)
+    cases = {"generic": torch.randn(2, 4096, dtype=torch.float64, generator=rng)}
+    for tilt in (1e-3, 1e-6, 1e-8):
+        cases[f"tilt {tilt:g}"] = torch.stack([g, -1.7 * (g + tilt * noise)])
+    stop = _solvers.unchanged
+
+    def never(new: object, old: object) -> bool:
+        return False
+
+    variants: dict[str, Callable[[], object]] = {}
+    for case, jac in cases.items():
+        gram = (jac @ jac.T).unsqueeze(0)
+        for name in ("nashmtl", "fairgrad"):
+            aggregator = agg.from_name(name)
+            for label, rule in (("stop", stop), ("no stop", never)):
+
+                def run(a: agg.Aggregator = aggregator, gm=gram, r=rule) -> object:
+                    _solvers.unchanged = r
+                    try:
+                        # A fresh solve each call (no warm start from the last one).
+                        return type(a)().aggregate(gm, None).weights
+                    finally:
+                        _solvers.unchanged = stop
+
+                variants[f"{name} | {case} | {label}"] = run
+    times = time_interleaved(variants, repeats=repeats, warmup=1)
+    print("| method | gradients | 1 + cos | us, stop | us, no stop | no stop / stop |")
+    print("|---|---|---:|---:|---:|---:|")
+    for case, jac in cases.items():
+        cos = float(jac[0] @ jac[1] / (jac[0].norm() * jac[1].norm()))
+        for name in ("nashmtl", "fairgrad"):
+            fast = 1e6 * statistics.median(times[f"{name} | {case} | stop"])
+            slow = 1e6 * statistics.median(times[f"{name} | {case} | no stop"])
+            print(
+                f"| {name} | {case} | {1 + cos:.1e} | {fast:.0f} | {slow:.0f} | {slow / fast:.1f}x |"
+            )
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=41)
     parser.add_argument("--tasks", type=int, nargs="+", default=[3, 10])
+    parser.add_argument("--front-only", action="store_true", help="only the Pareto-front table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, one thread, median of {args.repeats} interleaved calls\n")
+    front_table(max(5, args.repeats // 4))
+    if args.front_only:
+        return
     for num_tasks in args.tasks:
         jac = torch.randn(
             num_tasks, 4096, dtype=torch.float64, generator=torch.Generator().manual_seed(1)

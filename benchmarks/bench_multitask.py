@@ -11,13 +11,17 @@ with its own model copy and optimizer, timed round-robin (benchmarks/timing.py):
 - ``torchjd <Name>``: torchjd 0.18 ``autojac.backward`` + ``jac_to_grad`` with its
   aggregator of the same method, where it has one and it runs here (its
   Nash-MTL needs cvxpy: skipped when missing, as is anything that fails to run);
-- ``flat PCGrad``: the usual flatten-and-loop PCGrad (benchmarks/baselines/flat_pcgrad.py).
+- ``flat PCGrad``: the usual flatten-and-loop PCGrad (benchmarks/baselines/flat_pcgrad.py);
+- ``gradtools <name>, float32 Gram`` (``--float32-gram``): the same step with the
+  Gram blocks multiplied in float32 as before issue 20 (benchmarks/baselines/
+  float32_gram.py), to price the float64 accumulation side by side.
 
 Ratios are paired: each variant's time over the plain step's in the same round,
 then the median over rounds, so load drifting over the run cancels out.
 
     .venv/bin/python benchmarks/bench_multitask.py [--tasks 3 10] [--repeats 3]
         [--threads 1] [--layers 6] [--aggregators pcgrad mean ...] [--no-baselines]
+        [--float32-gram]
 """
 
 from __future__ import annotations
@@ -40,11 +44,13 @@ from gradtools import aggregation as agg
 
 try:
     from benchmarks.baselines.flat_pcgrad import FlatPCGrad
+    from benchmarks.baselines.float32_gram import float32_gram_blocks
     from benchmarks.bench_pcgrad import adamw, minilm_config
     from benchmarks.timing import median_ms, time_interleaved
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks.baselines.flat_pcgrad import FlatPCGrad
+    from benchmarks.baselines.float32_gram import float32_gram_blocks
     from benchmarks.bench_pcgrad import adamw, minilm_config
     from benchmarks.timing import median_ms, time_interleaved
 
@@ -113,6 +119,7 @@ def make_variants(
     inputs: list[tuple[Tensor, Tensor, Tensor]],
     names: list[str],
     baselines: bool,
+    float32_gram: bool = False,
 ) -> dict[str, Callable[[], None]]:
     variants: dict[str, Callable[[], None]] = {}
     num_tasks = len(inputs)
@@ -145,6 +152,19 @@ def make_variants(
             opt.step()
 
         variants[f"gradtools {name}"] = ours
+        if float32_gram:
+            model32 = copy.deepcopy(base)
+            opt32 = gradtools.MultiTask(
+                adamw(list(model32.parameters())), name, generator=torch.Generator().manual_seed(0)
+            )
+
+            def old_gram(model: ManyTasks = model32, opt: gradtools.MultiTask = opt32) -> None:
+                with float32_gram_blocks():
+                    opt.zero_grad(set_to_none=True)
+                    opt.backward(losses_of(model))
+                    opt.step()
+
+            variants[f"gradtools {name}, float32 Gram"] = old_gram
         if baselines and name in TORCHJD:
             step = _torchjd_step(base, name, num_tasks, losses_of)
             if step is not None:
@@ -219,6 +239,11 @@ def main() -> None:
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip torchjd and flatten-and-loop"
     )
+    parser.add_argument(
+        "--float32-gram",
+        action="store_true",
+        help="add each aggregator with the Gram blocks multiplied in float32 (before issue 20)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", UserWarning)
@@ -233,7 +258,7 @@ def main() -> None:
         torch.manual_seed(0)
         base = ManyTasks(config, num_tasks)
         inputs = make_inputs(config, num_tasks, args.batch, args.tokens)
-        variants = make_variants(base, inputs, names, not args.no_baselines)
+        variants = make_variants(base, inputs, names, not args.no_baselines, args.float32_gram)
         times = time_interleaved(variants, repeats=args.repeats, warmup=1)
         print()
         print(table(f"T = {num_tasks}, separate batches", times))

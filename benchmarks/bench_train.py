@@ -2,7 +2,7 @@
 
 The model is bert_demo's MultitaskBert on the packaged MiniLM-L6-H384, built as
 the quick preset builds it (dropout 0.1, mean pooling), in training mode. A step
-is what ``bert_demo.train.Trainer.training_step`` does for one task: embed,
+is what ``bert_demo.training.train.Trainer.training_step`` does for one task: embed,
 ``forward_from_embeddings``, ``task_loss``, backward, optimizer step, on a batch
 of 32 x 32 random tokens (a quarter of the rows half padding), SST by default.
 
@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 import gradtools
 from bert_demo.config import preset_config
-from bert_demo.multitask import MultitaskBert, task_loss
-from bert_demo.train import build_model
+from bert_demo.model.multitask import MultitaskBert, task_loss
+from bert_demo.training.train import build_model
 
 try:
     from benchmarks.timing import ratio_table, time_interleaved

@@ -23,11 +23,11 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import Field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bert_demo.ablate import ROWS
+from bert_demo.ablation.ablate import ROWS
 from bert_demo.config import (
     MODE_ALIASES,
     PRESETS,
@@ -37,9 +37,14 @@ from bert_demo.config import (
     field_type,
     preset_config,
 )
-from bert_demo.speed import PRECISIONS
+from bert_demo.run_folder.weights import WEIGHT_CHOICES
 from bert_demo.tasks import TASKS
-from bert_demo.weights import WEIGHT_CHOICES
+from bert_demo.training.speed import PRECISIONS
+from bert_demo.training.weighting import WEIGHTINGS
+from gradtools.aggregation import available as available_aggregators
+
+if TYPE_CHECKING:
+    from bert_demo.run_folder.folder import RunFolder
 
 DEFAULT_PRESET = "quick"
 # The TrainConfig fields that are flags (all but the free-form notes).
@@ -109,6 +114,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> 
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is tuple:
             kwargs.update(nargs="+", choices=choices)
+        elif spec.name == "aggregator":
+            kwargs.update(choices=(*(choices or ()), "none"), action=_AggregatorAction,
+                          metavar="NAME")
         elif choices is not None:
             kwargs["choices"] = choices
             if spec.name == "mode":  # old names are accepted and mean the new ones
@@ -118,6 +126,29 @@ def _add_config_flags(parser: argparse.ArgumentParser, methods: bool = True) -> 
         else:
             kwargs.update(type=kind)
         parser.add_argument(_flag(spec), **kwargs)
+        if spec.name == "aggregator":
+            parser.add_argument("--pcgrad", nargs=0, action=_AggregatorAction, dest="aggregator",
+                                help="the paper's PCGrad: short for --aggregator pcgrad "
+                                "(default: off)")
+            parser.add_argument("--no-pcgrad", nargs=0, action=_AggregatorAction,
+                                dest="aggregator", help="short for --aggregator none "
+                                "(default: the preset's, none)")
+
+
+class _AggregatorAction(argparse.Action):
+    """--aggregator NAME, --pcgrad (NAME pcgrad), --no-pcgrad (none): one setting, given once."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        value = {"--pcgrad": "pcgrad", "--no-pcgrad": "none"}.get(option_string or "", values)
+        given = getattr(namespace, "_aggregator_flag", None)
+        aliases = ("--pcgrad", "--no-pcgrad")
+        if (given is not None and getattr(namespace, self.dest) != value
+                and not (given in aliases and option_string in aliases)):  # last one wins
+            parser.error(f"{option_string} and {given} both say how the task gradients are "
+                         "combined; give one")
+        namespace._aggregator_flag = option_string
+        setattr(namespace, self.dest, value)
 
 
 def _add_runtime_flags(parser: argparse.ArgumentParser, precision: bool = False) -> None:
@@ -144,6 +175,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     if "tasks" in overrides:
         overrides["tasks"] = tuple(overrides["tasks"])
+    if overrides.get("aggregator") == "none":
+        overrides["aggregator"] = None
     return overrides
 
 
@@ -156,14 +189,15 @@ def resumed_config(saved: TrainConfig, args: argparse.Namespace) -> tuple[TrainC
 
     Returns the config and a line naming what changed.
     """
-    from bert_demo.run_dir import RunDirError
-    from bert_demo.train import RESUMABLE
+    from bert_demo.run_folder.folder import RESUMABLE, refused_on_resume
+    from bert_demo.run_folder.run_dir import RunDirError
 
     if args.preset is not None:
         raise RunDirError("--resume continues with the run's saved settings; drop --preset")
     given = config_overrides(args)
     changed = {k: v for k, v in given.items() if getattr(saved, k) != v}
-    refused = [k for k in changed if k not in RESUMABLE]
+    # RunFolder's rule; here with the values, as the flags were typed.
+    refused = refused_on_resume(saved, saved.with_overrides(**changed)) if changed else []
     if refused:
         shown = ", ".join(f"--{k.replace('_', '-')} {_shown(changed[k])} (the run has "
                           f"{_shown(getattr(saved, k))})" for k in refused)
@@ -262,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seeds per row: 0, 1, ... N-1 (default: 1)")
     ablate.add_argument("--rows", nargs="+", default=None, metavar="ROW",
                         help="only these rows: " + ", ".join(r.slug for r in ROWS)
-                        + " (or their names as in the table; default: all ten)")
+                        + " (or their names as in the table; default: all of these), or a row "
+                        "for any aggregator or loss weighting, the finetune baseline with it: "
+                        "agg-NAME (--aggregator NAME: " + ", ".join(available_aggregators())
+                        + ") or weight-NAME (--weighting NAME: " + ", ".join(WEIGHTINGS) + ")")
     ablate.add_argument("--out", default="runs/ablation",
                         help="folder of all runs and the table (default: runs/ablation)")
     ablate.add_argument("--no-progress", action="store_true",
@@ -303,31 +340,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.argv[1:] if argv is None else argv)
     missing = _missing_demo_modules()
     if missing:
-        # A library-only install (`pip install gradtools`) still has this script.
+        # The wheel is the library alone; the demo's packages come with the clone's demo extra.
         _fail(parser, f"the demo needs the demo extra (missing: {', '.join(missing)}); "
-                      'install it with: pip install "gradtools[demo]"')
+                      "install it in the clone with: pip install -e '.[demo]'")
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             _fail(parser, f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    from bert_demo.ablate import AblationFailed
-    from bert_demo.optim import FeatureUnavailable
-    from bert_demo.run_dir import RunDirError
+    from bert_demo.ablation.ablate import AblationFailed
+    from bert_demo.run_folder.lock import RunLocked
+    from bert_demo.run_folder.run_dir import RunDirError
+    from bert_demo.run_folder.safe_write import DiskFull
+    from bert_demo.training.optim import FeatureUnavailable
 
     if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _fail(parser, f"only 'train' runs under torchrun; run '{args.command}' as one process")
-    from bert_demo.train import TrainingDiverged
+    from bert_demo.training.train import TrainingDiverged
 
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         return 130
-    except (TrainingDiverged, AblationFailed) as e:
+    except (TrainingDiverged, AblationFailed, DiskFull) as e:
         # Not a usage error: the settings were valid but a run failed (for ablate, the
-        # other runs finished and their table was written).
+        # other runs finished and their table was written), or the disk filled up (the
+        # file being written was left as it was).
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, FeatureUnavailable, RunDirError) as e:
+    except (ValueError, FileNotFoundError, FeatureUnavailable, RunDirError, RunLocked) as e:
         _fail(parser, str(e))
     except OSError as e:  # a read-only folder, a file where a folder should be, ...
         where = e.filename if e.filename is not None else "a file"
@@ -336,9 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from bert_demo.distributed import from_env
-    from bert_demo.run_dir import CONFIG, RunDirError, load_config
-    from bert_demo.train import train
+    from bert_demo.run_folder.folder import RunFolder
+    from bert_demo.run_folder.run_dir import RunDirError
+    from bert_demo.training.distributed import from_env
+    from bert_demo.training.train import train
 
     # Under torchrun: join the other processes (a no-op for a single process).
     ranks, device = from_env(args.device)
@@ -347,11 +388,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.resume:
 
             def saved_config() -> TrainConfig:
-                if not (out / CONFIG).is_file():
-                    raise RunDirError(
-                        f"--resume: {out} holds no run to resume ({CONFIG} is missing)"
-                    )
-                return load_config(out / CONFIG)
+                saved = RunFolder(out).saved_config_if_any()
+                if saved is None:
+                    raise RunDirError(f"--resume: {out} holds no run to resume (its settings, "
+                                      "config.json, are missing)")
+                return saved
 
             # rank 0's disk is the one that counts
             config, how = resumed_config(ranks.on_main(saved_config), args)
@@ -374,11 +415,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from bert_demo.data import find_data_dir, load_split, require_rows
-    from bert_demo.evaluate import evaluate
-    from bert_demo.run_dir import load_run, resolve_device, write_json
-    from bert_demo.speed import autocast, resolve_precision
+    from bert_demo.run_folder.folder import RunFolder
+
+    if not Path(args.run).is_dir():  # a weights file: nothing is written
+        return _evaluate(args, None)
+    # The result is written under the run's lock: a train writing the run meanwhile refuses
+    # to start, or makes this evaluate refuse.
+    folder = RunFolder(args.run).acquire("evaluate")
+    try:
+        return _evaluate(args, folder)
+    finally:
+        folder.release()
+
+
+def _evaluate(args: argparse.Namespace, folder: RunFolder | None) -> int:
+    from bert_demo.evaluation.evaluate import evaluate
+    from bert_demo.run_folder.run_dir import load_run, resolve_device
     from bert_demo.tasks import get_task
+    from bert_demo.tasks.data import find_data_dir, load_split, require_rows
+    from bert_demo.training.speed import autocast, resolve_precision
 
     device = resolve_device(args.device)
     trained = load_run(args.run, device, args.weights)
@@ -392,10 +447,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate(model, dev, trained.tokenizer, config.max_length,
                            config.eval_batch_size, device, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
-    run = Path(args.run)
-    if run.is_dir():
+    if folder is not None:
         # The metrics, and what they were measured on: which weights, which rows.
-        write_json(run / "eval.json", {
+        folder.save_evaluation({
             **metrics,
             "step": trained.step,
             "weights": trained.weights_file.name,
@@ -407,7 +461,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from bert_demo.predict import predict_files
+    from bert_demo.evaluation.predict import predict_files
 
     written = predict_files(args.run, args.input, args.task, args.output, args.data, args.device,
                             args.weights, progress=not args.no_progress, precision=args.precision)
@@ -417,7 +471,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from bert_demo.analyze import analyze
+    from bert_demo.evaluation.analyze import analyze
 
     report = analyze(args.run, args.out, args.top, args.data, args.max_eval_examples, args.device,
                      args.weights, progress=not args.no_progress, precision=args.precision)
@@ -426,8 +480,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
-    from bert_demo.ablate import run_ablation
-    from bert_demo.train import train
+    from bert_demo.ablation.ablate import run_ablation
+    from bert_demo.training.train import train
 
     base = config_from_args(args)
     # --table-only summarizes the ablation the same command (without it) trains.

@@ -1,4 +1,4 @@
-"""Training settings and the named presets (`paper`, `quick`).
+"""Training settings and the named presets (`paper`, `quick`, `full`).
 
 A run is fully described by one :class:`TrainConfig`; it is saved as config.json
 beside the checkpoint and restored by ``--resume``. Command-line flags override
@@ -13,9 +13,11 @@ import typing
 from dataclasses import Field, asdict, dataclass, field, fields, replace
 from typing import Any
 
-from bert_demo.multitask import HeadSettings
-from bert_demo.speed import ADAMW_IMPLS, PRECISIONS
+from bert_demo.model.multitask import HeadSettings
 from bert_demo.tasks import PAPER_TASKS, TASKS, get_task
+from bert_demo.training.speed import ADAMW_IMPLS, PRECISIONS
+from bert_demo.training.weighting import HELP as WEIGHTING_HELP
+from bert_demo.training.weighting import WEIGHTINGS, weighting_refusal
 from gradtools.aggregation import available as available_aggregators
 
 OPTIMIZERS = ("adamw", "torch-adamw", "lamb", "radam")
@@ -63,18 +65,22 @@ class TrainConfig:
     # the paper's three methods
     smart: bool = setting(False, "SMART adversarial regularization with the momentum Bregman "
                           "teacher", method=True)
-    pcgrad: bool = setting(False, "PCGrad gradient surgery across the task losses", method=True)
+    # How the task gradients are combined (the paper's PCGrad is one way): one setting.
+    aggregator: str | None = setting(
+        None, "gradtools aggregator combining the task gradients: pcgrad (the paper's PCGrad "
+        "gradient surgery; --pcgrad is short for it), upgrad, mgda, ...", choices=(
+            *available_aggregators(),), unset="none, the gradients' sum", method=True)
+    # How the task losses are weighted before they are summed or aggregated: one setting.
+    weighting: str | None = setting(None, WEIGHTING_HELP, choices=tuple(WEIGHTINGS),
+                                    unset="none, every loss weighs 1", method=True)
     sts_aug: bool = setting(False, "STS pair reversal, doubling the STS batch", method=True)
-    # beyond the paper: its future work (MNRL) and other aggregators than PCGrad
+    # beyond the paper: its future work (MNRL)
     mnrl_weight: float = setting(
         0.0, "weight of the multiple negatives ranking loss on Quora duplicate pairs with "
         "in-batch negatives, added to the Quora loss (0: off)", ge=0, method=True)
     mnrl_scale: float = setting(
         20.0, "MNRL's scale: cosine similarities times this are the logits (1/temperature)",
         gt=0)
-    aggregator: str | None = setting(
-        None, "gradtools.MultiTask aggregator combining the task gradients in place of "
-        "--pcgrad", choices=tuple(available_aggregators()), unset="none", method=True)
     # optimisation
     optimizer: str = setting("adamw", "optimizer (adamw is gradtools.AdamW)", choices=OPTIMIZERS)
     adamw_impl: str = setting(
@@ -143,15 +149,11 @@ class TrainConfig:
             raise ValueError("tasks: at least one task is needed")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks: {self.tasks} names a task twice")
-        if self.pcgrad and len(self.tasks) < 2:
-            raise ValueError("pcgrad needs at least two tasks (it resolves conflicts between them)")
-        if self.aggregator is not None:
-            if self.pcgrad:
-                raise ValueError(f"aggregator {self.aggregator!r} replaces pcgrad; give one of "
-                                 "the two")
-            if len(self.tasks) < 2:
-                raise ValueError("aggregator needs at least two tasks (it combines their "
-                                 "gradients)")
+        if self.aggregator is not None and len(self.tasks) < 2:
+            raise ValueError(f"{self.aggregator} needs at least two tasks (it combines their "
+                             "gradients)")
+        if self.weighting is not None:
+            self._check_weighting(self.weighting)
         if self.mnrl_weight > 0:
             # Settings under which MNRL could never produce a gradient are refused.
             if "para" not in self.tasks:
@@ -168,10 +170,32 @@ class TrainConfig:
         if self.sts_aug and "sts" not in self.tasks:
             raise ValueError("sts_aug needs the sts task")
 
+    def _check_weighting(self, weighting: str) -> None:
+        """Refuse --weighting where it cannot act (see bert_demo.training.weighting)."""
+        if len(self.tasks) < 2:
+            raise ValueError(f"--weighting {weighting} needs at least two tasks (it weighs "
+                             f"their losses against each other), got --tasks {self.tasks[0]}")
+        refusal = weighting_refusal(weighting, self.aggregator)
+        if refusal is not None:
+            raise ValueError(refusal)
+        if weighting == "famo" and self.smart:
+            raise ValueError("--weighting famo cannot be combined with --smart: FAMO compares "
+                             "each loss before and after the step on the same batch, and "
+                             "SMART's terms draw new noise when recomputed")
+        if weighting == "gradnorm" and self.mode == "frozen":
+            raise ValueError("--weighting gradnorm needs --mode finetune: it reads the task "
+                             "gradients on the encoder's last layer, which --mode frozen "
+                             "freezes")
+
     @property
     def combines_task_gradients(self) -> bool:
-        """Whether an aggregator (PCGrad or --aggregator) combines per-task gradients."""
-        return self.pcgrad or self.aggregator is not None
+        """Whether an aggregator (PCGrad among them) combines per-task gradients."""
+        return self.aggregator is not None
+
+    @property
+    def pcgrad(self) -> bool:
+        """The paper's PCGrad: ``aggregator == "pcgrad"`` (``--pcgrad`` is short for it)."""
+        return self.aggregator == "pcgrad"
 
     def head_settings(self) -> HeadSettings:
         return HeadSettings(
@@ -193,17 +217,34 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | set(RENAMED)
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown training setting(s): {unknown}")
-        values = dict(values)
+        values = normalize_settings(values)
         if isinstance(values.get("tasks"), list):
             values["tasks"] = tuple(values["tasks"])
         return cls(**values)
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:
         return replace(self, **overrides)
+
+
+# Settings of earlier versions, read from their config.json, checkpoints and weights files.
+RENAMED = ("pcgrad",)
+
+
+def normalize_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """Saved settings in today's names: ``pcgrad: true`` (before ``--aggregator`` took
+    PCGrad among its values) is ``aggregator: "pcgrad"``, ``pcgrad: false`` nothing; so a
+    run saved then and the same run saved now compare equal."""
+    values = dict(values)
+    if values.pop("pcgrad", False) is True:
+        if values.get("aggregator") not in (None, "pcgrad"):
+            raise ValueError(f"aggregator {values['aggregator']!r} and pcgrad: give one of "
+                             "the two")
+        values["aggregator"] = "pcgrad"
+    return values
 
 
 def field_type(spec: Field[Any]) -> tuple[type, bool]:
@@ -313,7 +354,13 @@ QUICK_PRESET: dict[str, Any] = {
     "weight_decay": 0.01,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER_PRESET, "quick": QUICK_PRESET}
+# The quick preset at the converged length: results/learning-curve found the finetune
+# baseline's overall dev score flat from epoch 2 on (epochs 2-6 within +-0.004), so 3
+# epochs (801 steps), one epoch into the plateau, with the linear schedule ending there.
+FULL_PRESET: dict[str, Any] = {**QUICK_PRESET, "epochs": 3}
+
+PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER_PRESET, "quick": QUICK_PRESET,
+                                      "full": FULL_PRESET}
 
 
 def preset_config(name: str, **overrides: Any) -> TrainConfig:

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from bert_demo.model import load_pretrained, resolve_model_path, to_hf_state_dict
-from bert_demo.model_files import SOURCE, encoder_files
-from bert_demo.multitask import HeadSettings, MultitaskBert
-from bert_demo.run_dir import load_run, write_json
+from bert_demo.model.multitask import HeadSettings, MultitaskBert
+from bert_demo.model.tokenizer import WordPieceTokenizer
+from bert_demo.run_folder.encoder_files import encoder_files, known_files
+from bert_demo.run_folder.run_dir import load_run
+from bert_demo.run_folder.safe_write import DiskFull, umask, write_bytes, write_json
 from bert_demo.tasks import get_task
-from bert_demo.tokenizer import WordPieceTokenizer
 
 HEADS_WEIGHTS = "heads.safetensors"
 HEADS_INFO = "heads.json"
@@ -46,11 +47,11 @@ def _check_target(out: Path) -> None:
 
 
 def _tokenizer_files(source: Path, target: Path, tokenizer: WordPieceTokenizer) -> None:
-    """Copy the tokenizer's files; write a tokenizer_config.json when the model had none."""
-    for path in source.iterdir():
-        if path.is_file() and path.name not in ("config.json", SOURCE) and (
-                path.suffix in (".txt", ".json")):
-            shutil.copyfile(path, target / path.name)
+    """Copy the tokenizer's known files (never a link, nothing else the folder holds); write a
+    tokenizer_config.json when the model had none."""
+    for name, data in known_files(source).items():
+        if name != "config.json":  # export writes its own, for transformers
+            write_bytes(target / name, data)
     if not (target / "tokenizer_config.json").is_file():
         write_json(target / "tokenizer_config.json", {
             "tokenizer_class": "BertTokenizer",
@@ -90,7 +91,7 @@ def export_run(
     tokenizer_source = encoder_files(trained.weights_file.parent) or resolve_model_path(
         trained.config.model)
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -98,19 +99,23 @@ def export_run(
         hf_config = {"architectures": ["BertModel"], "model_type": "bert",
                      "position_embedding_type": "absolute", **asdict(encoder.config)}
         write_json(tmp / "config.json", hf_config)
-        save_file(to_hf_state_dict(encoder_state, encoder.config.num_hidden_layers),
-                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_bytes(tmp / "model.safetensors", save(
+            to_hf_state_dict(encoder_state, encoder.config.num_hidden_layers),
+            metadata={"format": "pt"}))
         _tokenizer_files(tokenizer_source, tmp, trained.tokenizer)
-        save_file(heads, str(tmp / HEADS_WEIGHTS))
+        write_bytes(tmp / HEADS_WEIGHTS, save(heads))
         write_json(tmp / HEADS_INFO, _heads_info(model, heads, {
             "folder": str(Path(run)), "weights": trained.weights_file.name,
             "step": trained.step, "config": trained.config.to_dict()}))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is 0700; a shared folder follows the umask
         _check_target(out)  # still new or empty: nothing raced us to it
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, DiskFull) and e.path.parent == tmp:
+            raise DiskFull(out / e.path.name) from None  # the name the user gave, not ours
         raise
     return out
 

@@ -3,7 +3,7 @@
 Public API only; each tool lives in its own module.
 """
 
-from gradtools import aggregation
+from gradtools import aggregation, weighting
 from gradtools._version import installed_version as _installed_version
 from gradtools.adamw import AdamW
 from gradtools.divergences import bernoulli_symmetric_kl, divergence, squared_error, symmetric_kl
@@ -32,4 +32,5 @@ __all__ = [
     "divergence",
     "squared_error",
     "symmetric_kl",
+    "weighting",
 ]

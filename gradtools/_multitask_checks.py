@@ -109,14 +109,21 @@ def checked_shared_params(
     return ids
 
 
-def checked_losses(losses: Sequence[Tensor]) -> list[Tensor]:
-    """The losses as a list, after checking each is a differentiable float scalar on one device."""
+def checked_losses(losses: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    """The losses as a list, after checking each is a differentiable float scalar on one device.
+
+    A 1-D tensor of T losses (``torch.stack(losses)``, as torchjd users pass) is
+    split into its T elements.
+    """
     if isinstance(losses, Tensor):
-        raise TypeError(
-            "losses must be a sequence with one scalar loss per task, got a single tensor; "
-            "wrap it in a list"
-        )
-    losses = list(losses)
+        if losses.dim() != 1:
+            raise ValueError(
+                "losses must be a sequence of scalar losses or a 1-D tensor of T losses, "
+                f"got a tensor of shape {list(losses.shape)}"
+            )
+        losses = list(losses.unbind())
+    else:
+        losses = list(losses)
     if not losses:
         raise ValueError("losses is empty: pass one scalar loss per task")
     device = None

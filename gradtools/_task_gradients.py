@@ -23,6 +23,7 @@ __all__ = [
     "Bucket",
     "GramBlocks",
     "GramItem",
+    "gradient_precision",
     "gram_blocks",
     "weighted_sum",
     "weighted_sum_float64",
@@ -33,10 +34,8 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Task weights outside this range could overflow or underflow when multiplied
 # into a float32 gradient; those (rare) parameters are combined in float64.
 _SAFE_WEIGHT = 2.0**60
-# From this many tasks on, a Gram block is one matrix product per chunk of at
-# most _MATMUL_CHUNK stacked elements instead of k(k+1)/2 dot products.
-_MATMUL_MIN_TASKS = 3
-_MATMUL_CHUNK = 1 << 18  # 1 MiB of float32: the stacked chunk stays in cache
+# Elements of the float64 buffer a Gram block is multiplied in (2 MiB: it stays in cache).
+_MATMUL_CHUNK = 1 << 18
 
 
 class GramItem:
@@ -130,94 +129,108 @@ class GramBlocks:
     log2_unit: int = 0
 
 
-def gram_blocks(items: list[GramItem], num_tasks: int) -> GramBlocks:
-    """One Gram matrix per item, ``[I, T, T]`` (float64, on the CPU).
+def gradient_precision(items: list[GramItem]) -> float:
+    """Relative accuracy of the gradients in ``items``: the machine epsilon of their coarsest dtype.
 
-    Each block is computed where the gradients live, in float32 (float64 for
-    float64 gradients): dot products for one or two tasks, a chunked matrix
-    product from three on; all of them come to the host in one transfer per device.
-    Blocks whose float32 result may be inaccurate (an overflow to inf, or squared
-    norms so small that products fell into float32's subnormal range) are
-    recomputed in float64; float64 blocks that overflow while their gradients
-    are finite are recomputed in a common power-of-two unit (see
-    :class:`GramBlocks`). Genuine inf/NaN gradients stay non-finite. The
-    bookkeeping is plain Python: hundreds of tiny tensor writes would cost more
-    than the dot products themselves on a GPU.
+    A float32 model's gradients are rounded to float32 (and carry at least that
+    much error from the backward pass), so the Gram entries describe the exact
+    task gradients only to about this fraction of ``|g_i| |g_j|``, however
+    exactly :func:`gram_blocks` multiplies them. The aggregators take their rank,
+    existence and stationarity decisions at this precision. float64's epsilon
+    when no item holds a gradient.
+    """
+    eps = [torch.finfo(v.dtype).eps for item in items for _, v in item.vectors]
+    return max(eps, default=torch.finfo(torch.float64).eps)
+
+
+def gram_blocks(items: list[GramItem], num_tasks: int) -> GramBlocks:
+    """One Gram matrix per item, ``[I, T, T]`` (float64, on the CPU), accumulated in float64.
+
+    Each block is computed where the gradients live, in float64 whatever the
+    gradients' dtype: the product of two float32 (or half) numbers is exact in
+    float64 and the sums round at 1e-16, so a block is the Gram matrix of the
+    stored gradients to float64's accuracy. In float32 it would not be: its
+    rounding (about 1e-7 of ``|g_i| |g_j|``) shows up as eigenvalues of that
+    size, negative ones included, where the gradients are linearly dependent,
+    and the dual-cone projections of UPGrad and DualProj then write a ``.grad``
+    that conflicts with a task (issue 20). Each block is one matrix product per
+    chunk of at most ``_MATMUL_CHUNK`` converted elements, so the float64 copy
+    stays small; all blocks come to the host in one transfer per device.
+    float64 blocks that overflow while their gradients are finite are
+    recomputed in a common power-of-two unit (see :class:`GramBlocks`). Genuine
+    inf/NaN gradients stay non-finite. The bookkeeping is plain Python: hundreds
+    of tiny tensor writes would cost more than the products themselves on a GPU.
     """
     blocks = [[[0.0] * num_tasks for _ in range(num_tasks)] for _ in items]
     per_device: dict[torch.device, tuple[list[Tensor], list[tuple[int, int, int]]]] = {}
     for k, item in enumerate(items):
-        item.vectors = [(t, _in_dot_dtype(v)) for t, v in item.vectors]
         if not item.vectors:
             continue
         values, where = per_device.setdefault(item.vectors[0][1].device, ([], []))
-        if len(item.vectors) >= _MATMUL_MIN_TASKS:
-            values.append(_gram_by_matmul([v for _, v in item.vectors]).reshape(-1))
-            tasks = [t for t, _ in item.vectors]
-            where.extend((k, i, j) for i in tasks for j in tasks)
-            continue
-        for a, (i, vi) in enumerate(item.vectors):
-            for j, vj in item.vectors[a:]:
-                values.append(torch.dot(vi, vj).reshape(1))
-                where.append((k, i, j))
+        values.append(_gram_in_float64([v for _, v in item.vectors], 1.0).reshape(-1))
+        tasks = [t for t, _ in item.vectors]
+        where.extend((k, i, j) for i in tasks for j in tasks)
     for values, where in per_device.values():
         flat = torch.cat(values).to(device="cpu", dtype=torch.float64).tolist()  # the host sync
         for (k, i, j), value in zip(where, flat, strict=True):
-            blocks[k][i][j] = value
-            blocks[k][j][i] = value
+            if i <= j:  # one number for [i][j] and [j][i] (a product need not be symmetric)
+                blocks[k][i][j] = value
+                blocks[k][j][i] = value
 
-    overflowed = []
-    for k, item in enumerate(items):
-        if not item.vectors:
-            continue
-        block = blocks[k]
-        nonfinite = any(not math.isfinite(x) for row in block for x in row)
-        if item.vectors[0][1].dtype == torch.float64:
-            if nonfinite:
-                overflowed.append(k)
-            continue
-        floor = item.numel * torch.finfo(torch.float32).tiny * 2.0**26
-        if nonfinite or any(block[t][t] < floor for t, _ in item.vectors):
-            _fill_block(block, item.vectors, 1.0)
+    # Products of float32 (or half) numbers cannot leave float64's range: only
+    # float64 gradients (or non-finite ones) give a non-finite block.
+    overflowed = [
+        k
+        for k, item in enumerate(items)
+        if item.vectors and any(not math.isfinite(x) for row in blocks[k] for x in row)
+    ]
     log2_unit = 0
     if overflowed and _all_finite(items[k] for k in overflowed):
         log2_unit = _common_unit(items)
         if log2_unit != 0:
             factor = math.ldexp(1.0, -log2_unit)
             for k, item in enumerate(items):
-                _fill_block(blocks[k], item.vectors, factor)
+                if not item.vectors:
+                    continue
+                scaled = _gram_in_float64([v for _, v in item.vectors], factor).cpu().tolist()
+                tasks = [t for t, _ in item.vectors]
+                for a, i in enumerate(tasks):
+                    for b, j in enumerate(tasks[a:], start=a):
+                        blocks[k][i][j] = blocks[k][j][i] = scaled[a][b]
     result = torch.tensor(blocks, dtype=torch.float64).reshape(len(items), num_tasks, num_tasks)
     return GramBlocks(result, log2_unit)
 
 
-def _gram_by_matmul(vectors: list[Tensor]) -> Tensor:
-    """``[k, k]`` Gram matrix of k flat vectors as one matrix product per chunk.
+def _gram_in_float64(vectors: list[Tensor], factor: float) -> Tensor:
+    """``[k, k]`` float64 Gram matrix of k flat vectors (each multiplied by ``factor``).
 
-    k(k+1)/2 dot products read every gradient k times over (memory-bound: at
-    T = 10 that is most of the wrapper's cost); stacking a chunk of all k rows
-    and multiplying it by its transpose reads each once more and copies it once.
-    Chunks bound the stacked copy to about ``_MATMUL_CHUNK`` elements.
+    One matrix product per chunk: the chunk of all k rows is copied (and
+    converted) into a float64 buffer, then multiplied by its transpose. k(k+1)/2
+    separate dot products would read every gradient k times over (memory-bound:
+    at T = 10 that is most of the wrapper's cost); this reads each once. The
+    buffer bounds the float64 copy to about ``_MATMUL_CHUNK`` elements; a block
+    that fits in one chunk (most tensors under ``granularity="tensor"``) is
+    stacked and converted in two kernels instead.
     """
     count = len(vectors)
     numel = vectors[0].numel()
+    if numel * count <= _MATMUL_CHUNK:
+        rows = torch.stack(vectors).to(torch.float64)
+        if factor != 1.0:
+            rows.mul_(factor)
+        return rows @ rows.T
     step = max(1, _MATMUL_CHUNK // count)
-    total: Tensor | None = None
+    buffer = torch.empty(count, step, dtype=torch.float64, device=vectors[0].device)
+    total = torch.zeros(count, count, dtype=torch.float64, device=vectors[0].device)
     for start in range(0, numel, step):
-        rows = torch.stack([v[start : start + step] for v in vectors])
-        product = rows @ rows.T
-        total = product if total is None else total.add_(product)
-    assert total is not None
+        width = min(step, numel - start)
+        rows = buffer[:, :width]
+        for r, v in enumerate(vectors):
+            rows[r].copy_(v[start : start + width])
+        if factor != 1.0:
+            rows.mul_(factor)
+        total.addmm_(rows, rows.T)
     return total
-
-
-def _fill_block(block: list[list[float]], vectors: list[tuple[int, Tensor]], factor: float) -> None:
-    """Recompute one block in float64 from the vectors multiplied by ``factor``."""
-    wide = [(t, v.to(torch.float64) * factor) for t, v in vectors]
-    for a, (i, vi) in enumerate(wide):
-        for j, vj in wide[a:]:
-            value = float(torch.dot(vi, vj))
-            block[i][j] = value
-            block[j][i] = value
 
 
 def _all_finite(items: object) -> bool:
@@ -233,13 +246,6 @@ def _common_unit(items: list[GramItem]) -> int:
     if largest == 0.0 or not math.isfinite(largest):
         return 0
     return math.frexp(largest)[1]
-
-
-def _in_dot_dtype(vector: Tensor) -> Tensor:
-    """Half-precision gradients are multiplied in float32 (float64 stays float64)."""
-    if vector.dtype in (torch.float32, torch.float64):
-        return vector
-    return vector.to(torch.float32)
 
 
 def weights_are_safe(weights: list[float]) -> bool:

@@ -44,6 +44,7 @@ from gradtools._collectives import (
     broadcast_from_first_rank,
     reached_on_any_rank,
 )
+from gradtools._feature_gradients import FeatureStep
 from gradtools._graph_reach import analyse_graphs, nonzero_gradients
 from gradtools._multitask_checks import (
     check_settings,
@@ -51,9 +52,11 @@ from gradtools._multitask_checks import (
     checked_losses,
     checked_shared_params,
 )
+from gradtools._shared_batch import backward_with_features, combine_features
 from gradtools._task_gradients import (
     Bucket,
     GramItem,
+    gradient_precision,
     gram_blocks,
     weighted_sum,
     weighted_sum_float64,
@@ -84,6 +87,10 @@ class _StepState:
     # before each later one so that accumulation advances it once per step.
     aggregator_state: dict[str, Any] | None = None
     unique_buckets: list[Bucket] = field(default_factory=list)
+    # Set when the step's backward() calls pass features= (representation level).
+    features: FeatureStep | None = None
+    # Relative accuracy of the shared gradients (their coarsest dtype's epsilon).
+    precision: float = 2.0**-52
 
 
 class MultiTask(Optimizer):
@@ -380,8 +387,9 @@ class MultiTask(Optimizer):
 
     def backward(
         self,
-        losses: Sequence[Tensor],
+        losses: Sequence[Tensor] | Tensor,
         *,
+        features: Tensor | Sequence[Tensor] | None = None,
         retain_graph: bool | None = None,
         combine: bool = True,
     ) -> None:
@@ -392,7 +400,35 @@ class MultiTask(Optimizer):
         from them by each call, so edit ``.grad``, e.g. clip it, only after the last).
 
         Args:
-            losses: one scalar loss per task, the same number on every call of a step.
+            losses: one scalar loss per task, the same number on every call of a step:
+                a sequence of scalars, or a 1-D tensor of T losses (as torchjd takes;
+                ``torch.stack(losses)``). A tensor's elements share the graph of the
+                stack, so each task's backward pass also sends exact zeros through the
+                other tasks' heads; a parameter whose gradient from a task is exactly
+                zero does not count as reached by that task.
+            features: the tensor (or tensors) of shared features that every task's
+                loss is computed from, e.g. ``h = encoder(x)`` on one batch. The
+                aggregation then runs at the representation level: one backward pass
+                per task through its head only (its gradient ``d_t`` w.r.t. ``h``), the
+                T x T Gram of the ``d_t`` (summed over the feature tensors, the calls of
+                an accumulated step and, with ``process_group``, the ranks: only that
+                T x T matrix travels), the aggregator's weights ``w``, and ONE backward
+                pass of ``sum_t w_t d_t`` through the encoder, which writes
+                ``sum_t w_t g_t`` (``g_t`` task t's exact encoder gradient) into
+                ``.grad``; heads get ``head_weight`` times their own task's gradient.
+                About one plain step's cost whatever T is. Guaranteed: for UPGrad,
+                DualProj and MGDA, ``<sum_t w_t d_t, d_s> >= 0`` for every task s
+                (non-conflict w.r.t. the features); with MGDA (then MGDA-UB, Sener &
+                Koltun 2018) ``w`` is the min-norm point of the ``d_t``'s hull and
+                ``||sum_t w_t g_t|| <= ||dh/dtheta||_2 ||sum_t w_t d_t||``; for Gram-free
+                weights (Sum, Mean) the result equals the exact path. Not guaranteed:
+                non-conflict of the encoder's parameter gradients (``J^T`` does not
+                preserve angles), nor the weights the exact path would choose. Each
+                ``backward()`` of the step keeps its encoder graph until ``step()`` or
+                ``zero_grad()`` (the combination reruns every call's encoder pass with
+                the step's final weights): accumulate with ``combine=False`` on all but
+                the last call. Needs ``granularity="all"`` and no ``shared_params``;
+                ``stats.num_shared`` counts the feature tensors.
             retain_graph: ``None`` (default) frees every graph as soon as no later
                 loss needs it (graphs shared between tasks are kept until the last
                 task that uses them). ``True`` keeps all graphs; ``False`` frees each
@@ -406,9 +442,14 @@ class MultiTask(Optimizer):
             ValueError / TypeError: on an empty list, a non-tensor or non-scalar
                 loss, a loss that does not require grad or reaches no parameter of
                 the optimizer, losses on different devices, or a number of losses
-                that differs from the previous ``backward()`` of this step. Nothing
-                has been backpropagated when these are raised.
+                that differs from the previous ``backward()`` of this step; with
+                ``features``: a feature that does not require grad or that no loss
+                uses, a loss that does not depend on the features, a parameter two
+                tasks use after the features, or a step that mixes calls with and
+                without ``features``. Nothing has been backpropagated when these are
+                raised.
         """
+        from_tensor = isinstance(losses, Tensor)
         losses = checked_losses(losses)
         state = self._step_state
         if state is not None and len(losses) != state.num_tasks:
@@ -422,6 +463,9 @@ class MultiTask(Optimizer):
                 "averaged across ranks; with a process_group, pass combine=False for all but "
                 "the last micro-batch, or call step()/zero_grad() first"
             )
+        if features is not None or (state is not None and state.features is not None):
+            backward_with_features(self, losses, features, retain_graph, combine, from_tensor)
+            return
         name = type(self).__name__
         params = self._params()
         with record_function(f"{name}.graph_analysis"):
@@ -436,7 +480,8 @@ class MultiTask(Optimizer):
         retain = graphs.needed_later if retain_graph is None else [retain_graph] * len(losses)
         # Where a graph is opaque (custom or compiled autograd Function), "reached"
         # may include parameters that get zeros only: check the gradients instead.
-        check_zeros = [o and self._explicit_shared is None for o in graphs.opaque]
+        # A 1-D tensor of losses sends exact zeros through every other task's graph.
+        check_zeros = [(o or from_tensor) and self._explicit_shared is None for o in graphs.opaque]
 
         if state is None:
             state = self._start_step(losses, params, graphs.leaves, any(check_zeros))
@@ -558,6 +603,9 @@ class MultiTask(Optimizer):
 
     def _combine(self, state: _StepState) -> None:
         """Aggregate the accumulated per-task gradients and write ``.grad``."""
+        if state.features is not None:
+            combine_features(self, state)
+            return
         num_tasks = state.num_tasks
         name = type(self).__name__
         params = self._params()
@@ -575,6 +623,10 @@ class MultiTask(Optimizer):
         blocks = gram.blocks
         num_shared_items = len(buckets) + len(loose_shared)
         shared_blocks = blocks[:num_shared_items]
+        # The blocks are exact products of the stored gradients (float64), but the
+        # gradients are only as exact as their dtype: the aggregators' rank and
+        # stationarity decisions follow this.
+        state.precision = gradient_precision(items[:num_shared_items])
 
         diag = blocks.diagonal(dim1=-2, dim2=-1)
         nonfinite = tuple(t for t in range(num_tasks) if not bool(torch.isfinite(diag[:, t]).all()))
@@ -598,7 +650,7 @@ class MultiTask(Optimizer):
         else:
             with record_function(f"{name}.weights"):
                 grouped, block_of = self._group_blocks(loose_shared, shared_blocks)
-                aggregation = self._aggregate(state, grouped)
+                aggregation = self._aggregate(state, grouped, self._block_keys(block_of))
                 weights = aggregation.weights
                 self._stats_source = partial(
                     step_stats,
@@ -610,6 +662,7 @@ class MultiTask(Optimizer):
                     len(shared),
                     self.aggregator.name,
                     squeeze=self.granularity == "all",
+                    undefined=aggregation.undefined,
                 )
 
         weights_host: list[list[float]] = weights.tolist()
@@ -633,13 +686,34 @@ class MultiTask(Optimizer):
         if self.process_group is not None:
             state.synced = True
 
-    def _aggregate(self, state: _StepState, grouped: Tensor) -> agg.Aggregation:
+    def _aggregate(
+        self, state: _StepState, grouped: Tensor, block_keys: list[tuple[object, ...]]
+    ) -> agg.Aggregation:
         """The aggregator's weights, its state advanced once per step however often this runs."""
         if state.aggregator_state is None:
             state.aggregator_state = copy.deepcopy(self.aggregator.state_dict())
         elif state.aggregator_state:
             self.aggregator.load_state_dict(copy.deepcopy(state.aggregator_state))
-        return self.aggregator.aggregate(grouped, state.draw)
+        # An aggregator written before a keyword existed simply does not get it.
+        return agg.aggregate_with(self.aggregator, grouped, state.draw,
+                                  precision=state.precision, block_keys=block_keys)
+
+    def _block_keys(self, block_of: dict[Tensor, int]) -> list[tuple[object, ...]]:
+        """What each aggregated block is, for stateful aggregators: ``("tensor", i)`` (i the
+        parameter's position in ``param_groups``, as torch optimizers key their
+        ``state_dict``), ``("group", k)`` or ``("all",)``; stable when a tensor is
+        reached on some steps only."""
+        if self.granularity == "all" or not block_of:
+            return [("all",)]
+        if self.granularity == "tensor":
+            position = {p: i for i, p in enumerate(self._params())}
+            keys: dict[int, tuple[object, ...]] = {
+                b: ("tensor", position[p]) for p, b in block_of.items()
+            }
+        else:
+            group_of = {p: k for k, g in enumerate(self.param_groups) for p in g["params"]}
+            keys = {b: ("group", group_of[p]) for p, b in block_of.items()}
+        return [keys[b] for b in range(len(keys))]
 
     def _split_shared(
         self, state: _StepState, params: list[Tensor]

@@ -37,6 +37,11 @@ class MultiTaskStats:
             empty, no aggregation ran (``.grad`` holds the plain combination so that a
             GradScaler skips the step) and the other fields are NaN.
         aggregator: the aggregator's name.
+        undefined: bool, one per block (a 0-dim tensor with ``granularity="all"``):
+            True where the aggregator's direction does not exist at the gradients'
+            precision and its documented fallback was used (IMTL-G without an
+            equal-angle direction); ``None`` for aggregators whose direction
+            always exists.
     """
 
     cosine: Tensor
@@ -49,6 +54,7 @@ class MultiTaskStats:
     num_shared: int
     nonfinite_tasks: tuple[int, ...]
     aggregator: str = "pcgrad"
+    undefined: Tensor | None = None
 
     @property
     def orders(self) -> Tensor | None:
@@ -70,6 +76,7 @@ def step_stats(
     aggregator: str,
     *,
     squeeze: bool,
+    undefined: Tensor | None = None,
 ) -> MultiTaskStats:
     """Statistics from the shared Gram blocks (in units of ``2 ** log2_unit``) and the weights."""
     gram = shared_blocks.sum(0)
@@ -87,6 +94,7 @@ def step_stats(
         num_shared=num_shared,
         nonfinite_tasks=(),
         aggregator=aggregator,
+        undefined=None if undefined is None else (undefined[0] if squeeze else undefined),
     )
 
 

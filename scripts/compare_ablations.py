@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bert_demo.ablate import differences_table, load_runs, select_rows
-from bert_demo.ablation_stats import compare
+from bert_demo.ablation.ablate import differences_table, load_runs, select_rows
+from bert_demo.ablation.stats import compare
 
 
 def main(argv: list[str]) -> int:

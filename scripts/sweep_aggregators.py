@@ -1,4 +1,5 @@
-"""One seed of every gradtools aggregator on the demo, against finetune and single-task SST.
+"""One seed of every gradtools aggregator and loss weighting on the demo, against finetune and
+single-task SST.
 
     python scripts/sweep_aggregators.py [--out results/aggregator-sweep] [--seed 0]
         [--precision bf16] [--threads 1] [--table-only] [-- EXTRA TRAIN FLAGS]
@@ -6,8 +7,9 @@
 Asks one question of the quick preset (issue 24, item 2): does any aggregator
 close the SST gap between the multitask model and the single-task SST model?
 Each run is ``python -m bert_demo train`` in its own folder ``OUT/<name>``
-(``finetune``: no aggregator, the summed losses; ``single-sst``: SST alone; the
-others ``--aggregator <name>``). A folder with a final.json is finished and
+(``finetune``: no aggregator, the summed losses; ``single-sst``: SST alone;
+``<name>``: ``--aggregator <name>``; ``weight-<name>``: ``--weighting <name>``, the
+losses weighted by a :mod:`gradtools.weighting` method, then summed). A folder with a final.json is finished and
 skipped, so the sweep continues where it stopped. Then ``OUT/sweep.md`` gets the
 table: dev scores of each run's best weights, the SST gap to single-task SST,
 and each row minus finetune with a 95% paired bootstrap over dev examples (one
@@ -24,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from bert_demo.training.weighting import WEIGHTINGS
 from gradtools.aggregation import available
 
 BASELINES = {"finetune": [], "single-sst": ["--tasks", "sst"]}
@@ -34,6 +37,8 @@ def planned_runs() -> dict[str, list[str]]:
     runs = dict(BASELINES)
     for name in sorted(available()):
         runs[name] = ["--aggregator", name]
+    for name in WEIGHTINGS:
+        runs[f"weight-{name}"] = ["--weighting", name]
     return runs
 
 
@@ -59,7 +64,8 @@ def _best_dev(folder: Path) -> dict[str, float] | None:
     final = folder / "final.json"
     if not final.is_file():
         return None
-    from bert_demo.ablate import dev_scores  # the ablation's rule: best weights, trained tasks
+    # The ablation's rule: best weights, trained tasks.
+    from bert_demo.ablation.ablate import dev_scores
 
     return {k: float(v) for k, v in dev_scores(json.loads(final.read_text())).items()}
 
@@ -69,8 +75,8 @@ def _cell(value: float | None) -> str:
 
 
 def _difference_cell(name: str, reference: str, metric: str, out: Path) -> str:
-    from bert_demo.ablation_stats import Run, compare
-    from bert_demo.dev_predictions import read_dev_predictions
+    from bert_demo.ablation.stats import Run, compare
+    from bert_demo.run_folder.dev_predictions import read_dev_predictions
 
     runs = []
     for run_name in (name, reference):
@@ -91,7 +97,7 @@ def write_table(args: argparse.Namespace) -> Path:
     scores = {name: _best_dev(args.out / name) for name in planned_runs()}
     single = scores.get("single-sst")
     lines = [
-        "# Aggregator sweep at the quick preset (one seed)",
+        "# Aggregator and loss-weighting sweep at the quick preset (one seed)",
         "",
         "Dev scores of each run's best weights (seed "
         f"{args.seed}, precision {args.precision}). 'SST gap' is the row's SST accuracy minus "

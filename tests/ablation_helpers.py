@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from bert_demo.train import train
+from bert_demo.training.train import train
 
 
 def train_recording_threads(config: Any, out: Path, **kwargs: Any) -> Any:

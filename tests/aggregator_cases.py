@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+import gradtools
 from gradtools import aggregation as agg
 
 SETTINGS = settings(
@@ -35,6 +37,7 @@ def every_aggregator() -> list[agg.Aggregator]:
         agg.UPGrad(),
         agg.DualProj(),
         agg.NashMTL(),
+        agg.NashMTL(max_norm=None, normalize_gram=True),
         agg.FairGrad(alpha=2.0),
         agg.GradVac(),
     ]
@@ -110,3 +113,68 @@ def degenerate(draw: st.DrawFn, max_tasks: int = 7) -> np.ndarray:
         jac[draw(st.integers(0, num_tasks - 1))] = 0.0
     exponents = draw(st.lists(st.integers(-30, 30), min_size=num_tasks, max_size=num_tasks))
     return jac * (10.0 ** np.array(exponents, dtype=np.float64))[:, None]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@dataclass
+class Step:
+    """What one MultiTask step wrote: per block, the task rows it saw, its weights and its .grad."""
+
+    jacs: list[np.ndarray]  # per block [T, D_b], the gradients as stored (float64 copies)
+    weights: np.ndarray  # [B, T]
+    grads: list[np.ndarray]  # per block [D_b]
+    undefined: np.ndarray | None  # [B] or None
+
+    def term_scale(self, b: int) -> float:
+        """sum_t |w_t| |g_t| on block b: what the rounding of the combined gradient is relative to."""
+        return float(np.abs(self.weights[b]) @ np.linalg.norm(self.jacs[b], axis=1))
+
+    def scale(self, b: int) -> float:
+        """max_t |g_t| + sum_t |w_t| |g_t| on block b: the solvers' accuracy is relative to
+        the largest gradient (they work on G / max diag), the rounding to the terms."""
+        return float(np.linalg.norm(self.jacs[b], axis=1).max()) + self.term_scale(b)
+
+
+def run_step(
+    aggregator: agg.Aggregator | str,
+    jac: np.ndarray,
+    dtype: torch.dtype,
+    sizes: list[int] | None = None,
+    seed: int = 0,
+) -> Step:
+    """One MultiTask step with loss_i = <J_i, p> over shared tensors of ``sizes`` (None: one tensor)."""
+    num_tasks, dim = jac.shape
+    widths = [dim] if sizes is None else sizes
+    rows = torch.from_numpy(np.ascontiguousarray(jac)).to(dtype)
+    params = [torch.nn.Parameter(torch.zeros(w, dtype=dtype)) for w in widths]
+    bounds = np.cumsum([0, *widths])
+    opt = gradtools.MultiTask(
+        torch.optim.SGD(params, lr=0.1),
+        aggregator,
+        granularity="all" if sizes is None else "tensor",
+        generator=torch.Generator().manual_seed(seed),
+        shared_params=params,
+    )
+    opt.zero_grad()
+    losses = [
+        sum((rows[t, bounds[k] : bounds[k + 1]] * p).sum() for k, p in enumerate(params))
+        for t in range(num_tasks)
+    ]
+    opt.backward(losses)
+    stats = opt.stats
+    assert stats is not None
+    weights = stats.weights.reshape(-1, num_tasks).numpy()
+    stored = rows.to(torch.float64).numpy()
+    grads = [
+        np.zeros(w) if p.grad is None else p.grad.double().numpy()
+        for w, p in zip(widths, params, strict=True)
+    ]
+    if sizes is None:
+        jacs = [stored]
+        grads = [np.concatenate(grads)]
+    else:
+        jacs = [stored[:, bounds[k] : bounds[k + 1]] for k in range(len(widths))]
+    undefined = None if stats.undefined is None else stats.undefined.reshape(-1).numpy()
+    return Step(jacs, weights, grads, undefined)

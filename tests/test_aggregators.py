@@ -118,9 +118,11 @@ def cagrad_reference(jac: np.ndarray, c: float) -> np.ndarray:
 
 def nash_reference(jac: np.ndarray) -> np.ndarray:
     """Nash-MTL's bargaining solution (Navon et al. 2022, Eq. 3): (G a)_i = 1/a_i, a > 0,
-    on G / |G|_F as the official code normalises it; scipy least squares."""
+    on the raw G (the official code's constraint a_i (G a)_i >= 1 has the normalisation of G
+    multiplied back in); scipy least squares, on G / |G|_F for its conditioning, scaled back."""
     gram = jac @ jac.T
-    gram = gram / np.linalg.norm(gram)
+    frobenius = float(np.linalg.norm(gram))
+    gram = gram / frobenius
     result = least_squares(
         lambda a: gram @ a - 1.0 / a,
         np.ones(len(gram)),
@@ -129,7 +131,7 @@ def nash_reference(jac: np.ndarray) -> np.ndarray:
         ftol=1e-15,
         gtol=1e-15,
     )
-    return jac.T @ result.x
+    return jac.T @ result.x / math.sqrt(frobenius)
 
 
 # --------------------------------------------------------------------------- registry
@@ -229,7 +231,8 @@ def test_all_zero_block_gives_the_documented_finite_weights(aggregator: agg.Aggr
         (agg.AlignedMTL(), 1.0),
         (agg.UPGrad(), 1.0),
         (agg.DualProj(), 1.0),
-        (agg.NashMTL(), 1.0),
+        # The paper's balance a (|g|^2 a) = 1: the unit vector along g (not clipped at 1).
+        (agg.NashMTL(), 1.0 / (math.sqrt(26.0) * 1e-7)),
         (agg.GradVac(), 1.0),
     ],
     ids=repr,
@@ -264,6 +267,13 @@ def test_cagrad_on_exactly_cancelling_gradients_is_the_zero_mean() -> None:
     g = np.array([1.0, -2.0, 0.5])
     weights = weights_on(agg.CAGrad(c=0.4), np.stack([g, -g]), None)
     np.testing.assert_array_equal(weights, [0.5, 0.5])
+
+
+@SETTINGS
+@given(jac=degenerate())
+def test_cagrad_with_c_zero_is_the_mean(jac: np.ndarray) -> None:
+    weights = weights_on(agg.CAGrad(c=0.0), jac, None)
+    np.testing.assert_array_equal(weights, np.full(len(jac), 1.0 / len(jac)))
 
 
 @pytest.mark.parametrize(
@@ -315,12 +325,37 @@ def test_balance_methods_do_not_conflict_on_independent_gradients(
 @SETTINGS
 @given(jac=well_conditioned(spread=2))
 def test_nash_gives_every_task_the_share_of_its_bargaining_weight(jac: np.ndarray) -> None:
-    """The paper's condition (G a)_i = 1/a_i on the Frobenius-normalised G, to the solver's
-    tolerance (relative residual 1e-10 plus the 1e-8 ridge)."""
-    a = weights_on(agg.NashMTL(), jac, None)
+    """The paper's condition a_i (G a)_i = 1 on the raw G, to the solver's tolerance (relative
+    residual 1e-10 plus the 1e-8 ridge), so |d| = sqrt(T); normalize_gram=True solves it on
+    G / |G|_F instead."""
     gram = jac @ jac.T
-    scaled = a / math.sqrt(float(np.linalg.norm(gram)))  # undo the official normalisation
-    np.testing.assert_allclose(scaled * (gram @ scaled), 1.0, rtol=1e-6)
+    a = weights_on(agg.NashMTL(max_norm=None), jac, None)
+    np.testing.assert_allclose(a * (gram @ a), 1.0, rtol=1e-6)
+    d = jac.T @ a
+    assert math.isclose(float(np.linalg.norm(d)), math.sqrt(len(jac)), rel_tol=1e-6)
+    normalized = gram / np.linalg.norm(gram)
+    b = weights_on(agg.NashMTL(max_norm=None, normalize_gram=True), jac, None)
+    np.testing.assert_allclose(b * (normalized @ b), 1.0, rtol=1e-6)
+
+
+@SETTINGS
+@given(jac=well_conditioned(spread=3), exponent=st.integers(-30, 30))
+def test_nash_is_fairgrad_with_alpha_one(jac: np.ndarray, exponent: int) -> None:
+    """Both solve a_i (G a)_i = 1 on the raw Gram (torchjd: NashMTL == FairGrad(alpha=1))."""
+    jac = jac * 10.0**exponent
+    nash = weights_on(agg.NashMTL(max_norm=None), jac, None)
+    fair = weights_on(agg.FairGrad(alpha=1.0), jac, None)
+    np.testing.assert_allclose(nash, fair, rtol=1e-9)
+
+
+@pytest.mark.parametrize("exponent", [-20, -3, 0, 3, 20])
+def test_nash_update_norm_is_the_papers_whatever_the_scale(exponent: int) -> None:
+    """|d| = sqrt(T) without the clip and 1 with the default max_norm, at any gradient scale."""
+    jac = random_jacobian(np.random.default_rng(11), 3, 7) * 10.0**exponent
+    unclipped = combined(agg.NashMTL(max_norm=None), jac, None)
+    assert math.isclose(float(np.linalg.norm(unclipped)), math.sqrt(3.0), rel_tol=1e-6)
+    clipped = combined(agg.NashMTL(), jac, None)
+    assert math.isclose(float(np.linalg.norm(clipped)), 1.0, rel_tol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -351,13 +386,16 @@ def test_linear_under_scaling(aggregator: agg.Aggregator, jac: np.ndarray, seed:
 @given(jac=well_conditioned(spread=2), exponent=st.integers(-30, 30))
 def test_global_scale(aggregator: agg.Aggregator, jac: np.ndarray, exponent: int) -> None:
     """Scaling every gradient by c = 10^k (k in -30..30) leaves the weights unchanged,
-    except FairGrad's, which scale by c^(-2 alpha/(alpha+1)) (the exact law of its equation)."""
+    except FairGrad's, which scale by c^(-2 alpha/(alpha+1)) (the exact law of its equation),
+    and NashMTL's (FairGrad's with alpha = 1) unless normalize_gram."""
     num_tasks = jac.shape[0]
     c = 10.0**exponent
     plain = weights_on(fresh(aggregator), jac, draw_for(aggregator, num_tasks))
     scaled = weights_on(fresh(aggregator), jac * c, draw_for(aggregator, num_tasks))
     if isinstance(aggregator, agg.FairGrad):
         scaled = scaled * c ** (2 * aggregator.alpha / (aggregator.alpha + 1))
+    if isinstance(aggregator, agg.NashMTL) and not aggregator.normalize_gram:
+        scaled = scaled * c  # a_i (G a)_i = 1: FairGrad's law with alpha = 1
     np.testing.assert_allclose(scaled, plain, rtol=1e-7, atol=1e-12 * np.abs(plain).max())
 
 
@@ -434,7 +472,7 @@ def test_nash_matches_a_least_squares_solution_of_the_bargaining_equation(jac: n
     """torchjd's NashMTL needs cvxpy and ECOS (not installed) and stops its convex-concave
     iterations after 20 steps; the reference solves the paper's equation itself."""
     expected = nash_reference(jac)
-    actual = combined(agg.NashMTL(), jac, None)
+    actual = combined(agg.NashMTL(max_norm=None), jac, None)
     np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-8 * np.linalg.norm(expected))
 
 
@@ -544,12 +582,12 @@ def test_state_dict_round_trip_resumes_exactly(factory) -> None:
     assert not torch.equal(factory().aggregate(grams[4], orders[4]).weights, resumed[0])
 
 
-def test_gradvac_rejects_a_changed_block_layout() -> None:
+def test_gradvac_rejects_a_changed_number_of_tasks() -> None:
     aggregator = agg.GradVac()
-    orders = agg.draw_orders(4, None)
-    aggregator.aggregate(_steps(np.random.default_rng(0), 1, num_blocks=2)[0], orders)
-    with pytest.raises(ValueError, match="blocks and tasks"):
-        aggregator.aggregate(_steps(np.random.default_rng(0), 1, num_blocks=3)[0], orders)
+    aggregator.aggregate(_steps(np.random.default_rng(0), 1)[0], agg.draw_orders(4, None))
+    three = torch.from_numpy(np.eye(3))[None].repeat(2, 1, 1)
+    with pytest.raises(ValueError, match="number of tasks"):
+        aggregator.aggregate(three, agg.draw_orders(3, None))
 
 
 def test_stateless_methods_reject_state() -> None:
@@ -559,7 +597,7 @@ def test_stateless_methods_reject_state() -> None:
 
 def test_nash_update_every_reuses_weights_between_updates() -> None:
     grams = _steps(np.random.default_rng(6), 4, num_blocks=1)
-    aggregator = agg.NashMTL(update_every=2)
+    aggregator = agg.NashMTL(max_norm=None, update_every=2)
     w = [aggregator.aggregate(g, None).weights for g in grams]
     assert torch.equal(w[0], w[1]) and torch.equal(w[2], w[3])
     assert not torch.equal(w[1], w[2])

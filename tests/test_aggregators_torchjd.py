@@ -5,6 +5,21 @@ against torchjd's aggregator applied to J. Not compared here, because their
 torchjd versions need solvers we do not install (quadprog for UPGrad and
 DualProj, cvxpy/ECOS for CAGrad and Nash-MTL); test_aggregators.py checks those
 against transcriptions of the papers instead.
+
+Where torchjd 0.18 differs by design (kept out of the aggregators' docstrings,
+which say only what a user needs; the numbers are torchjd's source):
+- UPGrad/DualProj: quadprog on the trace-normalised Gram plus a 1e-4 ridge; we
+  solve the same QP on the correlation matrix with no ridge (KKT to 1e-12).
+- MGDA: Frank-Wolfe stopping at a step of 1e-3; we solve the min-norm QP exactly.
+- CAGrad: a zero update below an absolute |g_w| of 1e-4; our threshold is
+  relative and follows the Gram's precision (cagrad.stationary_threshold).
+- IMTL-G: ``pinv(G) |g|`` with an absolute 1e-12 test on the weight sum (which
+  fires for any gradients with norms above about 1e6); we use ``D^-1 R^+ 1``
+  and a relative test, so dependent gradients' norms do not change the answer.
+- AlignedMTL and ConFIG: eigenvalue and pseudo-inverse cutoffs at the Gram
+  dtype's epsilon; ours follow the ``precision`` argument (MultiTask: the
+  gradients' epsilon, its Gram being float64). On full-rank inputs, as tested
+  below, the answers agree.
 """
 
 from __future__ import annotations
@@ -12,7 +27,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from aggregator_cases import SETTINGS, combined, gram_of, random_jacobian, well_conditioned
+from aggregator_cases import (
+    SETTINGS,
+    combined,
+    gram_of,
+    random_jacobian,
+    run_step,
+    well_conditioned,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -141,3 +163,34 @@ def test_gradvac_matches_torchjd_over_several_steps(beta: float) -> None:
         expected = torchjd_on(theirs, jac)
         actual = jac.T @ ours.aggregate(gram_of(jac), orders).weights[0].numpy()
         np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7 * scale_of(jac))
+
+
+def float32_rank_two_jacobian(seed: int) -> torch.Tensor:
+    """[4, 50] float32 task gradients of rank 2, each computed through three float32 layers
+    (so the third singular value is float32 rounding noise, about 1e-7 of the first)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(4, 2, generator=g)
+    b = torch.randn(2, 50, generator=g)
+    layers = [torch.randn(50, 50, generator=g) / 50**0.5 for _ in range(3)]
+    p = torch.zeros(50, requires_grad=True)
+    rows = []
+    for i in range(4):
+        h = p
+        for w in layers:
+            h = w @ h
+        rows.append(torch.autograd.grad((a[i] * (b @ h)).sum(), p)[0])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    ("name", "theirs"), [("alignedmtl", jd.AlignedMTL()), ("config", jd.ConFIG())], ids=str
+)
+def test_float32_rank_deficient_steps_match_torchjd_at_float32(name: str, theirs) -> None:
+    """torchjd cuts eigenvalues at the float32 Gram's epsilon; MultiTask passes the float32
+    gradients' epsilon, so both drop the rounding-noise direction and agree (before issue 20
+    ours kept it: AlignedMTL's update shrank by ~1e4, ConFIG's direction was noise)."""
+    for seed in range(4):
+        jac = float32_rank_two_jacobian(seed)
+        expected = theirs(jac).double().numpy()
+        ours = run_step(name, jac.double().numpy(), torch.float32).grads[0]
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-3 * np.linalg.norm(expected))

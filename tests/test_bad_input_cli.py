@@ -19,7 +19,7 @@ from demo_fixtures import write_tiny_data, write_tiny_model
 
 from bert_demo.cli import main
 from bert_demo.config import TrainConfig
-from bert_demo.train import Trainer
+from bert_demo.training.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -150,7 +150,8 @@ def _losses_cases() -> list[tuple[str, Callable[[nn.Module], Any], type[Exceptio
     stray = torch.ones(3, requires_grad=True)
     return [
         ("empty", lambda net: [], ValueError, "losses is empty"),
-        ("single tensor", lambda net: good(net), TypeError, "losses must be a sequence.*single tensor"),
+        ("0-d tensor", lambda net: good(net), ValueError, r"1-D tensor of T losses, got a tensor of shape \[\]"),
+        ("2-D tensor", lambda net: torch.stack([good(net), good(net)]).reshape(2, 1), ValueError, r"1-D tensor of T losses, got a tensor of shape \[2, 1\]"),
         ("not a tensor", lambda net: [good(net), 3.0], TypeError, r"losses\[1\] must be a Tensor"),
         ("not scalar", lambda net: [good(net), net.trunk(make_batches(1)[0][0]).sum(0)], ValueError, r"losses\[1\] must be a scalar"),
         ("detached", lambda net: [good(net).detach(), good(net)], ValueError, r"losses\[0\] does not require grad"),

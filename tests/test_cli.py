@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_train_evaluate_predict_analyze_resume(tiny, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     printed = json.loads(out[out.index("{"):])
     final = json.loads((run / "final.json").read_text())
-    assert final["step"] == 2 and final["config"]["pcgrad"]
+    assert final["step"] == 2 and final["config"]["aggregator"] == "pcgrad"
     assert printed["out"] == str(run) and printed["overall"] == final["dev"]["overall"]
     assert printed["best_step"] == final["best"]["step"] == 2
 
@@ -183,7 +184,9 @@ def test_flags_come_from_train_config_fields() -> None:
     from bert_demo.config import TrainConfig
 
     train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
-    flags = {a.dest: a for a in train._actions}
+    flags: dict[str, Any] = {}
+    for action in train._actions:  # the field's own flag (--pcgrad is an alias of --aggregator)
+        flags.setdefault(action.dest, action)
     for spec in fields(TrainConfig):
         if spec.name == "extra":
             continue
@@ -194,15 +197,15 @@ def test_flags_come_from_train_config_fields() -> None:
 
 
 def test_ablate_exits_1_naming_a_failed_run(monkeypatch, capsys, tmp_path) -> None:
-    import bert_demo.ablate
+    import bert_demo.ablation.ablate
 
     seen: dict[str, object] = {}
 
     def failing(base, out, seeds, **kwargs):
         seen.update(kwargs)
-        raise bert_demo.ablate.AblationFailed("1 ablation run(s) failed: smart/seed0 (boom)")
+        raise bert_demo.ablation.ablate.AblationFailed("1 ablation run(s) failed: smart/seed0 (boom)")
 
-    monkeypatch.setattr(bert_demo.ablate, "run_ablation", failing)
+    monkeypatch.setattr(bert_demo.ablation.ablate, "run_ablation", failing)
     code = main(["ablate", "--out", str(tmp_path), "--jobs", "2", "--threads", "2",
                  "--no-progress"])
     assert code == 1

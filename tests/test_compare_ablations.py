@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bert_demo.run_dir import FINAL
+from bert_demo.run_folder.run_dir import FINAL
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "compare_ablations.py"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bert_demo.data import (
+from bert_demo.tasks.data import (
     DataFormatError,
     PairExample,
     find_data_dir,

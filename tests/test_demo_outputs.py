@@ -16,11 +16,18 @@ from bert_demo.cli import build_parser, config_from_args, main
 from bert_demo.config import TrainConfig
 from bert_demo.export import load_export
 from bert_demo.model import load_pretrained
-from bert_demo.model_files import read_source, sha256
-from bert_demo.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError, load_run, load_trained
-from bert_demo.tokenizer import WordPieceTokenizer
-from bert_demo.train import Trainer, train
-from bert_demo.weights import BEST_WEIGHTS, LAST_WEIGHTS, read_info
+from bert_demo.model.tokenizer import WordPieceTokenizer
+from bert_demo.run_folder.encoder_files import read_source, sha256
+from bert_demo.run_folder.run_dir import (
+    CHECKPOINT,
+    FINAL,
+    METRICS,
+    RunDirError,
+    load_run,
+    load_trained,
+)
+from bert_demo.run_folder.weights import BEST_WEIGHTS, LAST_WEIGHTS, read_info
+from bert_demo.training.train import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOLERANCE = 1e-5
@@ -141,23 +148,23 @@ def test_an_evaluation_cut_short_is_done_once_on_resume(tiny, tmp_path, monkeypa
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from bert_demo.weights import BestWeights
+    from bert_demo.run_folder.folder import RunFolder
 
     run, config = tmp_path / "run", tiny_config(*tiny, epochs=2)
-    real_consider = BestWeights.consider
+    real_save_best = RunFolder.save_best
 
-    def crash_at_4(self: BestWeights, model: torch.nn.Module, info: Any) -> bool:
+    def crash_at_4(self: RunFolder, model: torch.nn.Module, info: Any, predictions: Any) -> None:
         if info.step == 4:
             raise RuntimeError("evaluation crashed")
-        return real_consider(self, model, info)
+        real_save_best(self, model, info, predictions)
 
-    monkeypatch.setattr(BestWeights, "consider", crash_at_4)
+    monkeypatch.setattr(RunFolder, "save_best", crash_at_4)
     with pytest.raises(RuntimeError, match="evaluation crashed"):
         train(config, run, progress=False, tensorboard=True)
     assert torch.load(run / CHECKPOINT, weights_only=True)["step"] == 4
     assert read_info(run / BEST_WEIGHTS).step == 2
     assert json.loads((run / METRICS).read_text().splitlines()[-1])["step"] == 4
-    monkeypatch.setattr(BestWeights, "consider", real_consider)
+    monkeypatch.setattr(RunFolder, "save_best", real_save_best)
     final = train(config, run, resume=True, progress=False, tensorboard=True)
     records = [json.loads(x) for x in (run / METRICS).read_text().splitlines()]
     assert [(r["event"], r["step"]) for r in records] == [
@@ -367,7 +374,7 @@ def test_tensorboard_after_a_crash_and_resume_shows_each_step_once(tiny, tmp_pat
 
 def test_tensorboard_missing_is_silent_unless_asked_for(tiny, tmp_path, capsys,
                                                         monkeypatch) -> None:
-    monkeypatch.setattr("bert_demo.tensorboard_log.tensorboard_installed", lambda: False)
+    monkeypatch.setattr("bert_demo.training.tensorboard_log.tensorboard_installed", lambda: False)
     train(tiny_config(*tiny, max_steps=1), tmp_path / "quiet", progress=False)
     assert not (tmp_path / "quiet" / "tensorboard").exists()
     model, data = tiny
@@ -404,7 +411,7 @@ def test_frozen_mode_keeps_pretrain_as_an_alias(capsys) -> None:
 
 
 def test_ablate_rows_help_lists_the_rows(monkeypatch) -> None:
-    from bert_demo.ablate import ROWS, select_rows
+    from bert_demo.ablation.ablate import ROWS, select_rows
 
     monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside hyphenated names
 

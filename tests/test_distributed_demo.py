@@ -24,12 +24,13 @@ import torch.distributed as dist
 from demo_fixtures import write_tiny_data, write_tiny_model
 from rank_launcher import run_ranks
 
-import bert_demo.train as train_module
+import bert_demo.training.train as train_module
 from bert_demo.config import TrainConfig
-from bert_demo.dev_predictions import DEV_PREDICTIONS
-from bert_demo.distributed import Ranks
-from bert_demo.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError
-from bert_demo.train import Trainer
+from bert_demo.run_folder.dev_predictions import DEV_PREDICTIONS
+from bert_demo.run_folder.folder import RunFolder
+from bert_demo.run_folder.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError
+from bert_demo.training.distributed import Ranks
+from bert_demo.training.train import Trainer
 
 WORLD = 2
 REPO = Path(__file__).resolve().parents[1]
@@ -56,8 +57,8 @@ def tiny_settings(model_dir: Path, data_dir: Path, **overrides: Any) -> dict[str
 EXACT = {"encoder_dropout": 0.0, "head_dropout": 0.0, "max_steps": 3, "optimizer": "radam"}
 # The summed loss (gradients averaged after backward) and PCGrad (task gradients
 # averaged before the surgery).
-EXACT_RUNS = {"exact_sum": EXACT, "exact_pcgrad": {**EXACT, "pcgrad": True}}
-EVERYTHING = {"pcgrad": True, "smart": True, "sts_aug": True}
+EXACT_RUNS = {"exact_sum": EXACT, "exact_pcgrad": {**EXACT, "aggregator": "pcgrad"}}
+EVERYTHING = {"aggregator": "pcgrad", "smart": True, "sts_aug": True}
 STOP_AT = 3  # mid-epoch, after the epoch-end checkpoint at step 2
 
 
@@ -79,13 +80,13 @@ def _demo_worker(rank: int, world: int, root: str) -> None:
     model_dir, data_dir, out = Path(root) / "model", Path(root) / "data", Path(root) / "runs"
     ranks = Ranks(rank, world, rank, dist.group.WORLD)
     saves = []
-    original_save = train_module.save_torch
+    original_save = RunFolder.save_checkpoint
 
-    def counting_save(obj: Any, path: Path) -> None:
-        saves.append(path.parent.name)
-        original_save(obj, path)
+    def counting_save(self: RunFolder, state: dict[str, Any]) -> Path:
+        saves.append(self.path.name)
+        return original_save(self, state)
 
-    train_module.save_torch = counting_save  # type: ignore[assignment]
+    RunFolder.save_checkpoint = counting_save  # type: ignore[method-assign]
     drawn: list[tuple[str, list[str]]] = []  # (task, row ids) of each training batch
     original_make_batch = train_module.make_batch
 
@@ -250,7 +251,7 @@ def test_torchrun_runs_the_command_line(tiny: Path) -> None:
     assert done.stdout.count('"out"') == 1, done.stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", CHECKPOINT, METRICS, FINAL, "best.safetensors", "model.safetensors",
-         "encoder", DEV_PREDICTIONS]
+         "encoder", DEV_PREDICTIONS, "best.json"]
     )
     records = [json.loads(x) for x in (out / METRICS).read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "train"] == [1, 2]
@@ -281,7 +282,7 @@ def test_shard_gives_each_rank_a_disjoint_equal_share() -> None:
 
 
 def test_from_env_outside_torchrun_is_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bert_demo.distributed import from_env
+    from bert_demo.training.distributed import from_env
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     ranks, device = from_env("cpu")
@@ -299,7 +300,7 @@ def test_from_env_outside_torchrun_is_one_process(monkeypatch: pytest.MonkeyPatc
 def test_from_env_errors_name_the_problem(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str | None], device: str, message: str
 ) -> None:
-    from bert_demo.distributed import from_env
+    from bert_demo.training.distributed import from_env
 
     base: dict[str, str | None] = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
                                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
@@ -324,7 +325,7 @@ def test_only_train_runs_under_torchrun(monkeypatch: pytest.MonkeyPatch, capsys)
 
 
 def test_rank_seeds_differ_per_rank_and_refuse_rank_0() -> None:
-    from bert_demo.distributed import rank_seed
+    from bert_demo.training.distributed import rank_seed
 
     assert len({rank_seed(0, r) for r in range(1, 9)}) == 8
     assert rank_seed(0, 1) != rank_seed(1, 1)
@@ -333,7 +334,7 @@ def test_rank_seeds_differ_per_rank_and_refuse_rank_0() -> None:
 
 
 def test_errors_that_cannot_travel_between_ranks_keep_their_text() -> None:
-    from bert_demo.distributed import _picklable
+    from bert_demo.training.distributed import _picklable
 
     plain = RunDirError("already holds a run")
     assert _picklable(plain) is plain

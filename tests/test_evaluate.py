@@ -11,17 +11,17 @@ import pytest
 import torch
 from demo_fixtures import write_tiny_data, write_tiny_model
 
-from bert_demo.analyze import analyze, confusion_matrix, largest_errors
 from bert_demo.config import TrainConfig
-from bert_demo.evaluate import (
+from bert_demo.evaluation.analyze import analyze, confusion_matrix, largest_errors
+from bert_demo.evaluation.evaluate import (
     TaskPredictions,
     accuracy,
     overall_score,
     pearson,
     write_predictions,
 )
-from bert_demo.predict import predict_files
-from bert_demo.train import train
+from bert_demo.evaluation.predict import predict_files
+from bert_demo.training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

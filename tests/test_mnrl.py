@@ -14,8 +14,8 @@ from demo_fixtures import write_tiny_data, write_tiny_model
 
 import gradtools
 from bert_demo.config import TrainConfig
-from bert_demo.mnrl import multiple_negatives_ranking_loss as mnrl
-from bert_demo.train import Trainer
+from bert_demo.training.mnrl import multiple_negatives_ranking_loss as mnrl
+from bert_demo.training.train import Trainer
 
 
 def test_value_for_orthogonal_candidates() -> None:
@@ -99,8 +99,9 @@ def test_settings_where_mnrl_could_never_train_are_refused(settings, message: st
 
 def test_aggregator_replaces_pcgrad() -> None:
     assert TrainConfig(aggregator="upgrad").combines_task_gradients
-    with pytest.raises(ValueError, match="replaces pcgrad"):
-        TrainConfig(aggregator="upgrad", pcgrad=True)
+    with pytest.raises(ValueError, match="give one of the two"):
+        TrainConfig.from_dict({"aggregator": "upgrad", "pcgrad": True})
+    assert TrainConfig(aggregator="pcgrad").pcgrad
     with pytest.raises(ValueError, match="aggregator must be one of"):
         TrainConfig(aggregator="nope")
     with pytest.raises(ValueError, match="at least two tasks"):
@@ -146,6 +147,11 @@ def test_training_with_another_aggregator(tiny, tmp_path) -> None:
     assert trainer.optimizer.aggregator.name == "upgrad"
     before = [p.detach().clone() for p in trainer.model.encoder.parameters()]
     stats = trainer.training_step()
-    assert "pcgrad_cos_sst_para" in stats  # the step's task-gradient statistics
+    # The step's task-gradient statistics, under names that do not depend on the
+    # aggregator, and the aggregator's weight of each task.
+    assert "cos_sst_para" in stats and "conflicts" in stats
+    assert not any(k.startswith("pcgrad") for k in stats)
+    assert {f"weight_{t}" for t in ("sst", "para", "sts")} <= set(stats)
+    assert all(stats[f"weight_{t}"] > 0 for t in ("sst", "para", "sts"))
     assert any(not torch.equal(a, b) for a, b in zip(
         before, trainer.model.encoder.parameters(), strict=True))

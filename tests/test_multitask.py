@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from demo_fixtures import PAIR_SENTENCES, SST_ROWS, write_tiny_model
 
-from bert_demo.batching import batch_indices, batches_per_pass, make_batch
-from bert_demo.data import PairExample, SentenceExample
 from bert_demo.model import load_pretrained
-from bert_demo.multitask import HeadSettings, MultitaskBert, mean_pool, predictions, task_loss
-from bert_demo.tokenizer import load_tokenizer
+from bert_demo.model.multitask import HeadSettings, MultitaskBert, mean_pool, predictions, task_loss
+from bert_demo.model.tokenizer import load_tokenizer
+from bert_demo.tasks.batching import batch_indices, batches_per_pass, make_batch
+from bert_demo.tasks.data import PairExample, SentenceExample
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
-"""Every ```python block of README.md runs, so the README cannot drift from the API.
+"""Every ```python block of README.md and of the docs' pages runs, so they cannot drift from the API.
 
-Each block runs on its own in a fresh namespace, compiled with README.md's line
-numbers (a failure points at the README line). Words after ``python`` on the
-opening fence (GitHub does not render them) declare what a block needs:
+Each block runs on its own in a fresh namespace, compiled with its file's line
+numbers (a failure points at the README or docs line). Words after ``python`` on
+the opening fence (GitHub and the docs site do not render them) declare what a
+block needs:
 
 - ``needs=a,b``: names the block uses without defining, provided by the setups
   below (``model``, ``task_losses``, ``batch``, ``process_group``);
@@ -31,18 +32,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+# The site's own pages (docs/_build is its output; included files are checked where they live).
+DOCS_PAGES = sorted(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts
+                    and p.name != "README.md")
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```python(?P<info>[^\n]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                    re.MULTILINE | re.DOTALL)
 
 
 @dataclass(frozen=True)
 class Block:
-    line: int  # README line of the first code line
+    line: int  # line of the first code line in its file
     code: str
     needs: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     run: bool = True
+    file: Path = README
 
 
 def parse_info(info: str, where: str) -> dict[str, Any]:
@@ -58,12 +64,12 @@ def parse_info(info: str, where: str) -> dict[str, Any]:
     return found
 
 
-def readme_blocks(text: str) -> list[Block]:
+def readme_blocks(text: str, file: Path = README) -> list[Block]:
     blocks = []
     for match in FENCE.finditer(text):
         line = text.count("\n", 0, match.start("body")) + 1
-        info = parse_info(match.group("info"), f"README.md:{line - 1}")
-        blocks.append(Block(line, textwrap.dedent(match.group("body")), **info))
+        info = parse_info(match.group("info"), f"{file.name}:{line - 1}")
+        blocks.append(Block(line, textwrap.dedent(match.group("body")), file=file, **info))
     return blocks
 
 
@@ -144,16 +150,24 @@ def _present(dotted: str) -> bool:
     return True
 
 
-BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+def _where(block: Block) -> str:
+    return f"{block.file.relative_to(ROOT).as_posix()}:{block.line}"
+
+
+README_BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+BLOCKS = README_BLOCKS + [block for page in DOCS_PAGES
+                          for block in readme_blocks(page.read_text(encoding="utf-8"), page)]
 
 
 def test_readme_has_the_blocks_we_expect() -> None:
-    assert len(BLOCKS) >= 6
+    assert len(README_BLOCKS) >= 2 and len(BLOCKS) >= 6
     assert sum(block.run for block in BLOCKS) >= 6  # not-run stays the exception
     for block in BLOCKS:
-        assert set(block.needs) <= set(SETUPS), f"README.md:{block.line}: unknown needs {block.needs}"
-    quickstart = [b for b in BLOCKS if "class TwoHeads" in b.code]
+        assert set(block.needs) <= set(SETUPS), f"{_where(block)}: unknown needs {block.needs}"
+    quickstart = [b for b in README_BLOCKS if "class TwoHeads" in b.code]
     assert quickstart and not quickstart[0].needs, "the quickstart must be self-contained"
+    # The guides moved out of the README keep their blocks under test.
+    assert {"multitask.md", "smart.md", "adamw.md", "aggregators.md"} <= {b.file.name for b in BLOCKS}
 
 
 def test_markers_are_parsed_strictly() -> None:
@@ -161,20 +175,21 @@ def test_markers_are_parsed_strictly() -> None:
                            "  ```python requires=gradtools.Nope\n  y = 2\n  ```\n")
     assert blocks == [Block(2, "x = 1\n", needs=("model",), run=False),
                       Block(5, "y = 2\n", requires=("gradtools.Nope",))]
+    assert readme_blocks("```python\nz = 3\n```\n", ROOT / "docs" / "x.md")[0].file.name == "x.md"
     with pytest.raises(ValueError, match="unknown fence marker 'need=model'"):
         readme_blocks("```python need=model\nx = 1\n```\n")
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"README.md:{b.line}" for b in BLOCKS])
+@pytest.mark.parametrize("block", BLOCKS, ids=[_where(b) for b in BLOCKS])
 def test_readme_block_runs(block: Block, tmp_path: Path, one_thread: None,
                            monkeypatch: pytest.MonkeyPatch) -> None:
-    # Line numbers in tracebacks are README.md's own.
-    code = compile("\n" * (block.line - 1) + block.code, str(README), "exec")
+    # Line numbers in tracebacks are the file's own.
+    code = compile("\n" * (block.line - 1) + block.code, str(block.file), "exec")
     if not block.run:
         return  # compiled above: the syntax is checked
     missing = [name for name in block.requires if not _present(name)]
     if missing:
-        pytest.skip(f"README.md:{block.line} documents {missing}, not in this checkout yet")
+        pytest.skip(f"{_where(block)} documents {missing}, not in this checkout yet")
     monkeypatch.chdir(tmp_path)  # anything a block writes lands here
     names: dict[str, Any] = {"__name__": "__readme__"}
     with contextlib.ExitStack() as stack:

@@ -13,16 +13,16 @@ from demo_fixtures import write_tiny_data, write_tiny_model
 
 import gradtools
 from bert_demo.config import PRESETS, TrainConfig
-from bert_demo.dev_predictions import DEV_PREDICTIONS, read_dev_predictions
-from bert_demo.run_dir import FINAL
-from bert_demo.speed import (
+from bert_demo.run_folder.dev_predictions import DEV_PREDICTIONS, read_dev_predictions
+from bert_demo.run_folder.run_dir import FINAL
+from bert_demo.training.speed import (
     autocast,
     cpu_flags,
     resolve_adamw_impl,
     resolve_precision,
     threads_for_jobs,
 )
-from bert_demo.train import Trainer
+from bert_demo.training.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -114,7 +114,7 @@ def test_adamw_impl_reaches_the_optimizer(tiny, tmp_path, impl: str) -> None:
 
 
 def test_bf16_autocasts_the_forward_and_keeps_weights_and_state_fp32(tiny, tmp_path) -> None:
-    config = tiny_config(tiny, precision="bf16", smart=True, pcgrad=True, sts_aug=True,
+    config = tiny_config(tiny, precision="bf16", smart=True, aggregator="pcgrad", sts_aug=True,
                          mnrl_weight=0.5)
     trainer = Trainer(config, tmp_path / "bf16", progress=False)
     seen: list[torch.dtype] = []

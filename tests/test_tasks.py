@@ -12,9 +12,9 @@ from demo_fixtures import write_tiny_data, write_tiny_model
 
 from bert_demo.config import TrainConfig
 from bert_demo.model import load_pretrained
-from bert_demo.multitask import MultitaskBert
+from bert_demo.model.multitask import MultitaskBert
 from bert_demo.tasks import PAPER_TASKS, TASKS, get_task, guess_task, model_tasks
-from bert_demo.train import Trainer
+from bert_demo.training.train import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,7 +63,7 @@ def test_cfimdb_trains_from_its_table_record_alone(tmp_path: Path) -> None:
     shutil.copy(data_dir / "ids-cfimdb-train.csv", data_dir / "ids-cfimdb-dev.csv")
     config = TrainConfig(model=str(model_dir), data=str(data_dir), tasks=("sst", "cfimdb"),
                          batch_sst=3, batch_cfimdb=4, max_length=16, epochs=1,
-                         steps_per_epoch=2, eval_batch_size=4, pcgrad=True, smart=True)
+                         steps_per_epoch=2, eval_batch_size=4, aggregator="pcgrad", smart=True)
     trainer = Trainer(config, tmp_path / "run", progress=False)
     head = trainer.model.heads["cfimdb"]
     before = [p.detach().clone() for p in head.parameters()]

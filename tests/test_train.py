@@ -12,9 +12,9 @@ import torch
 from demo_fixtures import write_tiny_data, write_tiny_model
 
 from bert_demo.config import TrainConfig
-from bert_demo.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError, load_trained
-from bert_demo.train import Trainer, train
-from bert_demo.weights import LAST_WEIGHTS
+from bert_demo.run_folder.run_dir import CHECKPOINT, FINAL, METRICS, RunDirError, load_trained
+from bert_demo.run_folder.weights import LAST_WEIGHTS
+from bert_demo.training.train import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +51,17 @@ def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 METHOD_COMBINATIONS = [
-    dict(zip(("smart", "pcgrad", "sts_aug"), flags, strict=True))
+    {"smart": flags[0], "aggregator": "pcgrad" if flags[1] else None, "sts_aug": flags[2]}
     for flags in itertools.product([False, True], repeat=3)
 ]
 OTHER_SETTINGS = [
     {"mode": "frozen"},
     {"tasks": ("sst",)},
-    {"tasks": ("para", "sts"), "pcgrad": True},
+    {"tasks": ("para", "sts"), "aggregator": "pcgrad"},
     {"pair_encoding": "cross", "smart": True, "sts_aug": True},
     {"pooling": "cls", "para_head": "cosine", "sts_head": "features"},
     {"optimizer": "torch-adamw"},
-    {"optimizer": "lamb", "pcgrad": True},
+    {"optimizer": "lamb", "aggregator": "pcgrad"},
     {"optimizer": "radam", "smart": True},
 ]
 
@@ -99,8 +99,9 @@ def test_one_training_step(tiny, tmp_path, overrides) -> None:
             assert train_record[f"bregman_{task}"] >= 0
     if config.pcgrad:
         pairs = len(config.tasks) * (len(config.tasks) - 1) // 2
-        assert 0 <= train_record["pcgrad_conflicts"] <= pairs
-        assert -1 <= train_record[f"pcgrad_cos_{config.tasks[0]}_{config.tasks[1]}"] <= 1
+        assert 0 <= train_record["conflicts"] <= pairs
+        assert -1 <= train_record[f"cos_{config.tasks[0]}_{config.tasks[1]}"] <= 1
+        assert all(f"weight_{t}" in train_record for t in config.tasks)
     # A finished run keeps model-only weights; its optimizer checkpoint is deleted.
     assert (tmp_path / "run" / LAST_WEIGHTS).is_file()
     assert not (tmp_path / "run" / CHECKPOINT).exists()
@@ -126,7 +127,7 @@ def test_resume_continues_exactly(tiny, tmp_path) -> None:
     The interrupt comes mid-epoch, after an epoch-end checkpoint (2 steps per epoch).
     """
     stop_at = 3
-    methods = {"smart": True, "sts_aug": True, "pcgrad": True}
+    methods = {"smart": True, "sts_aug": True, "aggregator": "pcgrad"}
     config = tiny_config(tiny, epochs=2, **methods)
 
     straight = Trainer(config, tmp_path / "straight", progress=False)

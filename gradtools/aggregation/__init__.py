@@ -5,6 +5,8 @@ Every aggregator maps a batch of T x T Gram matrices ``G[i, j] = <g_i, g_j>``
 combination weights w, so that the combined gradient is ``sum_t w[t] g_t``.
 Nothing here knows about autograd, parameters or devices. See
 :class:`Aggregator` for the interface and :func:`from_name` for the registry.
+What each method guarantees, and to what precision, is one table:
+:mod:`gradtools.aggregation.guarantees` (``markdown_table()`` renders it).
 """
 
 from gradtools.aggregation._aligned_mtl import AlignedMTL
@@ -13,9 +15,11 @@ from gradtools.aggregation._base import (
     Aggregation,
     Aggregator,
     BlockAggregator,
+    aggregate_with,
     available,
     checked_gram,
     from_name,
+    gram_precision,
     register,
 )
 from gradtools.aggregation._cagrad import CAGrad
@@ -56,11 +60,13 @@ __all__ = [
     "Reduction",
     "Sum",
     "UPGrad",
+    "aggregate_with",
     "available",
     "checked_gram",
     "cosine_similarity",
     "draw_orders",
     "from_name",
+    "gram_precision",
     "magnitude_similarity",
     "pcgrad",
     "pcgrad_weights",

@@ -15,6 +15,9 @@ is called once per step with the wrapper's seeded generator, and under DDP rank
 from __future__ import annotations
 
 import abc
+import inspect
+import math
+from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -23,6 +26,9 @@ from torch import Tensor
 
 from gradtools.aggregation._gram import _ZERO_NORM, _check_gram
 
+# The aggregators compute in float64: no Gram is more exact than this.
+FLOAT64_EPS = float(np.finfo(np.float64).eps)
+
 __all__ = [
     "Aggregation",
     "Aggregator",
@@ -30,6 +36,7 @@ __all__ = [
     "available",
     "checked_gram",
     "from_name",
+    "gram_precision",
     "register",
 ]
 
@@ -43,10 +50,15 @@ class Aggregation(NamedTuple):
         projected: optional bool ``[B, T, T]`` for statistics (PCGrad: task i
             was projected onto the normal plane of task j); None for methods
             without such a notion.
+        undefined: optional bool ``[B]``, True where the method's direction does
+            not exist on that block (at the Gram's precision) and its documented
+            fallback was returned instead (IMTL-G: no equal-angle direction);
+            None for methods whose direction always exists.
     """
 
     weights: Tensor
     projected: Tensor | None = None
+    undefined: Tensor | None = None
 
 
 class Aggregator(abc.ABC):
@@ -64,14 +76,34 @@ class Aggregator(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
+    ) -> Aggregation:
         """Combination weights for each block.
 
         Args:
-            gram: float64 ``[B, T, T]`` on the CPU, finite, symmetric positive
-                semi-definite (one block per granularity unit).
+            gram: ``[B, T, T]`` (any real dtype, device), finite, symmetric
+                positive semi-definite (one block per granularity unit).
             draw: what :meth:`draw` returned this step (``None`` for
                 deterministic methods).
+            precision: relative accuracy of the Gram entries (each is known to
+                about ``precision * |g_i| |g_j|``), e.g. the epsilon of the
+                gradients' dtype. Decisions that a rounding error could flip
+                (rank, equal-angle existence, Pareto stationarity) are taken at
+                this precision; see :func:`gram_precision`. ``None``: the epsilon
+                of ``gram``'s dtype (float64's for a float64 Gram).
+                :class:`gradtools.MultiTask` passes its gradients' epsilon.
+            block_keys: one hashable key per block naming what the block is
+                (:class:`gradtools.MultiTask` passes ``("tensor", i)`` with i the
+                parameter's position in ``param_groups``, ``("group", k)`` or
+                ``("all",)``). Stateful methods keep their state per key, so a
+                block that is absent on some steps neither loses its state nor
+                lends it to another. ``None`` (a direct call): the block's index.
         """
 
     def head_weight(self, num_tasks: int) -> float:
@@ -92,13 +124,60 @@ class Aggregator(abc.ABC):
                 f"{type(self).__name__} is stateless but load_state_dict got keys {sorted(state)}"
             )
 
-    def weights(self, gram: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def weights(
+        self,
+        gram: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        precision: float | None = None,
+    ) -> Tensor:
         """Convenience for a single step outside the wrapper: draw, then aggregate; ``[B, T]``."""
+        precision = gram_precision(gram, precision)
         gram = checked_gram(gram)
-        return self.aggregate(gram, self.draw(gram.shape[-1], generator)).weights
+        draw = self.draw(gram.shape[-1], generator)
+        return self.aggregate(gram, draw, precision=precision).weights
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def aggregate_with(
+    aggregator: Aggregator, gram: Tensor, draw: Tensor | None, **keywords: Any
+) -> Aggregation:
+    """``aggregator.aggregate(gram, draw, **keywords)``, leaving out the keywords it does not take.
+
+    An aggregator written before a keyword existed (its ``aggregate(gram, draw)``
+    overrides the base signature) keeps working: it simply does not get it.
+    """
+    method = aggregator.aggregate
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: pass nothing extra
+        return method(gram, draw)
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return method(gram, draw, **keywords)
+    taken = {p.name for p in parameters}
+    return method(gram, draw, **{k: v for k, v in keywords.items() if k in taken})
+
+
+def resolve_block_keys(
+    block_keys: Sequence[Hashable] | None, num_blocks: int, owner: str
+) -> list[Hashable]:
+    """``block_keys`` as a list (the block indices when ``None``), checked against the blocks."""
+    if block_keys is None:
+        return list(range(num_blocks))
+    keys = list(block_keys)
+    if len(keys) != num_blocks:
+        raise ValueError(
+            f"{owner}.aggregate got {len(keys)} block_keys for {num_blocks} Gram blocks"
+        )
+    try:
+        distinct = len(set(keys))
+    except TypeError as error:
+        raise ValueError(f"{owner}.aggregate: block_keys must be hashable ({error})") from None
+    if distinct != num_blocks:
+        raise ValueError(f"{owner}.aggregate: block_keys must be distinct, got {keys!r}")
+    return keys
 
 
 def required_draw(draw: Tensor | None, owner: str, what: str) -> Tensor:
@@ -119,6 +198,24 @@ def checked_gram(gram: Tensor) -> Tensor:
     return gram.detach().to(device="cpu", dtype=torch.float64)
 
 
+def gram_precision(gram: Tensor, precision: float | None) -> float:
+    """The relative accuracy an aggregator works to: ``precision``, or ``gram``'s dtype's epsilon.
+
+    Never below float64's epsilon (the aggregators compute in float64).
+
+    Raises:
+        ValueError: naming ``precision`` unless it is a finite number in [0, 1).
+    """
+    if precision is None:
+        dtype = gram.dtype if gram.is_floating_point() else torch.float64
+        return max(float(torch.finfo(dtype).eps), FLOAT64_EPS)
+    if isinstance(precision, bool) or not isinstance(precision, (int, float)):
+        raise ValueError(f"precision must be a float in [0, 1), got {precision!r}")
+    if not (math.isfinite(precision) and 0.0 <= precision < 1.0):
+        raise ValueError(f"precision must be a float in [0, 1), got {precision!r}")
+    return max(float(precision), FLOAT64_EPS)
+
+
 class BlockAggregator(Aggregator):
     """An aggregator that handles each Gram block on its own, on a rescaled copy.
 
@@ -128,24 +225,52 @@ class BlockAggregator(Aggregator):
     here whose weights do not change when all gradients are scaled by one
     factor; the others undo the rescaling themselves (FairGrad). A block whose
     gradients are all zero gets :meth:`zero_weights`.
+
+    Methods whose decisions depend on the Gram's precision override
+    :meth:`block_weights_at`; the others implement :meth:`block_weights` only.
     """
 
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
+    ) -> Aggregation:
+        precision = gram_precision(gram, precision)
         gram = checked_gram(gram)
         num_blocks, num_tasks, _ = gram.shape
         blocks = gram.numpy()
         weights = np.empty((num_blocks, num_tasks))
+        undefined = np.zeros(num_blocks, dtype=np.bool_)
         for b in range(num_blocks):
             scale = float(blocks[b].diagonal().max())
             if scale <= _ZERO_NORM**2:
                 weights[b] = self.zero_weights(num_tasks)
             else:
-                weights[b] = self.block_weights(blocks[b] / scale, scale, b)
-        return Aggregation(torch.from_numpy(weights))
+                weights[b], undefined[b] = self.block_weights_at(
+                    blocks[b] / scale, scale, b, precision
+                )
+        flags = torch.from_numpy(undefined) if self.may_be_undefined else None
+        return Aggregation(torch.from_numpy(weights), undefined=flags)
+
+    # Whether block_weights_at can report an undefined direction (Aggregation.undefined).
+    may_be_undefined = False
 
     @abc.abstractmethod
     def block_weights(self, gram: np.ndarray, scale: float, block: int) -> np.ndarray:
         """Weights ``[T]`` for one block; ``gram`` is divided by ``scale`` (its largest diagonal)."""
+
+    def block_weights_at(
+        self, gram: np.ndarray, scale: float, block: int, precision: float
+    ) -> tuple[np.ndarray, bool]:
+        """:meth:`block_weights` at a given Gram precision, and whether the direction was undefined.
+
+        The default ignores the precision (the method takes no decision a
+        rounding error could flip) and is never undefined.
+        """
+        return self.block_weights(gram, scale, block), False
 
     def zero_weights(self, num_tasks: int) -> np.ndarray:
         """Weights of a block whose gradients are all zero (any weights give a zero update)."""

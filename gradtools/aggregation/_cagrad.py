@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from gradtools.aggregation._base import BlockAggregator, register
-from gradtools.aggregation._solvers import QP_RIDGE, nonneg_qp
+from gradtools.aggregation._base import FLOAT64_EPS, BlockAggregator, register
+from gradtools.aggregation._solvers import QP_RIDGE, QP_TOL, nonneg_qp
 
 # numpy 2.4's bundled stubs hide or mistype some numpy functions for mypy 2.4.
 _linalg: Any = np.linalg
@@ -16,9 +16,22 @@ _np: Any = np
 
 # Relative bracket width (on s) at which the one-dimensional search stops.
 _SEARCH_TOL = 1e-13
-# |g_w| (relative to the largest gradient norm) below which the dual solution is
-# taken as Pareto stationary and the update as zero (torchjd uses 1e-4).
-_STATIONARY = 1e-10
+# Accuracy of |g_w|^2 (relative to the largest squared gradient norm) that the
+# search and the active-set QP deliver on an exact Gram: a few times their own
+# tolerances. The Gram's own precision adds to it (see stationary_threshold).
+_QP_ACCURACY = 10.0 * (QP_TOL + QP_RIDGE + _SEARCH_TOL)
+
+
+def stationary_threshold(precision: float) -> float:
+    """|g_w| (relative to the largest gradient norm) at or below which g_w cannot be told from 0.
+
+    With every ``G_ij`` known to ``precision * |g_i| |g_j|`` and w on the simplex,
+    ``|g_w|^2 = w'Gw`` is known to ``precision * (sum_i w_i |g_i|)^2 <= precision``
+    (in units of the largest squared norm), plus the solver's own accuracy; |g_w|
+    to the square root of that: about 3.5e-6 for float64 gradients, 3.5e-4 for
+    float32 ones.
+    """
+    return math.sqrt(_QP_ACCURACY + precision)
 
 
 @register
@@ -37,17 +50,21 @@ class CAGrad(BlockAggregator):
     ``c |g0| s - |g_w(s)|`` is that of the derivative of a convex function of s,
     so the bracket stays valid).
 
-    Guarantees: weighted; weights unchanged when all gradients are scaled by one
-    factor; c = 0 gives the mean; for c < 1 it converges to a Pareto-stationary
-    point (paper's Theorem). Not non-conflicting in general, not linear under
-    scaling. Heads get 1/T of their gradient (the weights have the mean's scale).
-    Like the paper and torchjd we do not divide by ``1 + c^2`` (the official
-    code's ``rescale`` option does).
+    Weights unchanged when every gradient is scaled by one factor; c = 0 gives
+    the mean; for c < 1 it converges to a Pareto-stationary point (the paper's
+    theorem). Not non-conflicting in general, not linear under scaling. Like the
+    paper we do not divide by ``1 + c^2`` (the official code's ``rescale``
+    option does). Heads get 1/T of their gradient.
 
-    Degenerate inputs: when the dual solution has ``|g_w| <= 1e-10`` (relative to
-    the largest gradient norm), the point is Pareto stationary and the weights
-    are zero, as torchjd does below its 1e-4; g0 = 0 gives the mean (zero
-    update); T = 1 gives weight 1 + c.
+    Pareto stationarity: when the dual solution's ``|g_w|`` cannot be told from
+    0 at the Gram's precision (:func:`stationary_threshold`: the square root of
+    the accuracy of ``|g_w|^2``, about 3.5e-6 of the largest gradient norm for
+    float64 gradients and 3.5e-4 for float32 ones), the weights are zero.
+    For c >= 1 that is the exact answer at a strongly Pareto-stationary point
+    (the zero update is then feasible and optimal); dividing by a ``|g_w|`` made
+    of rounding noise would instead point the update anywhere. g0 = 0 gives the
+    mean (a zero update); T = 1 gives weight 1 + c. The guarantees and their
+    precision are in :mod:`gradtools.aggregation.guarantees`.
     """
 
     name = "cagrad"
@@ -58,6 +75,14 @@ class CAGrad(BlockAggregator):
         self.c = float(c)
 
     def block_weights(self, gram: np.ndarray, scale: float, block: int) -> np.ndarray:
+        return self.block_weights_at(gram, scale, block, FLOAT64_EPS)[0]
+
+    def block_weights_at(
+        self, gram: np.ndarray, scale: float, block: int, precision: float
+    ) -> tuple[np.ndarray, bool]:
+        return self._weights(gram, precision), False
+
+    def _weights(self, gram: np.ndarray, precision: float) -> np.ndarray:
         num_tasks = len(gram)
         mean = np.full(num_tasks, 1.0 / num_tasks)
         toward_mean = gram @ mean  # <g_t, g0>
@@ -83,7 +108,7 @@ class CAGrad(BlockAggregator):
             s = guess if guess is not None else 0.5 * (lo + hi)
         assert w is not None
         norm = math.sqrt(max(float(w @ gram @ w), 0.0))
-        if norm <= _STATIONARY:
+        if norm <= stationary_threshold(precision):
             return np.zeros(num_tasks)
         return mean + (radius / norm) * w
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 from torch import Tensor
 
-from gradtools.aggregation._base import Aggregation, Aggregator, checked_gram, register
+from gradtools.aggregation._base import (
+    Aggregation,
+    Aggregator,
+    checked_gram,
+    gram_precision,
+    register,
+)
 
 
 @register
@@ -20,7 +28,15 @@ class Sum(Aggregator):
 
     name = "sum"
 
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
+    ) -> Aggregation:
+        gram_precision(gram, precision)  # validated; fixed weights need none
         gram = checked_gram(gram)
         return Aggregation(torch.ones(gram.shape[:2], dtype=torch.float64))
 
@@ -34,7 +50,15 @@ class Mean(Aggregator):
 
     name = "mean"
 
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
+    ) -> Aggregation:
+        gram_precision(gram, precision)  # validated; fixed weights need none
         gram = checked_gram(gram)
         num_tasks = gram.shape[-1]
         return Aggregation(torch.full(gram.shape[:2], 1.0 / num_tasks, dtype=torch.float64))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
@@ -12,8 +13,10 @@ from gradtools.aggregation._base import (
     Aggregation,
     Aggregator,
     checked_gram,
+    gram_precision,
     register,
     required_draw,
+    resolve_block_keys,
 )
 from gradtools.aggregation._gram import norms_and_correlation_lists
 from gradtools.aggregation._pcgrad import draw_orders, validate_orders
@@ -35,8 +38,10 @@ class GradVac(Aggregator):
 
     then ``phi_hat[i, j] <- (1 - beta) phi_hat[i, j] + beta phi``. The combined
     gradient is the sum of the modified g_i. The targets, one ``[T, T]`` matrix per
-    block, start at 0 and are the state (``state_dict``), so a resumed run
-    continues exactly. As in PCGrad, the walk runs in the basis of unit
+    block key (see :meth:`Aggregator.aggregate`: under :class:`gradtools.MultiTask`
+    one per parameter or group, so a tensor that some task reaches on some steps
+    only keeps its own targets), start at 0 and are the state (``state_dict``),
+    so a resumed run continues exactly. As in PCGrad, the walk runs in the basis of unit
     gradients on the correlation matrix, so any gradient scale stays finite.
 
     Differences from torchjd 0.18 (which follows the same equations): no
@@ -59,49 +64,67 @@ class GradVac(Aggregator):
         if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
             raise ValueError(f"beta must be in [0, 1], got {beta!r}")
         self.beta = float(beta)
-        self._targets: Tensor | None = None
+        self._targets: dict[Hashable, Tensor] = {}
 
     def draw(self, num_tasks: int, generator: torch.Generator | None) -> Tensor:
         return draw_orders(num_tasks, generator)
 
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
+    ) -> Aggregation:
+        gram_precision(gram, precision)  # validated; the walk is continuous in the Gram
         gram = checked_gram(gram)
         num_blocks, num_tasks, _ = gram.shape
+        keys = resolve_block_keys(block_keys, num_blocks, "GradVac")
         draw = required_draw(draw, "GradVac", "the visiting orders")
         validate_orders(draw, num_tasks)
-        if self._targets is None:
-            self._targets = torch.zeros(num_blocks, num_tasks, num_tasks, dtype=torch.float64)
-        elif self._targets.shape != gram.shape:
-            raise ValueError(
-                f"GradVac holds targets for {list(self._targets.shape)} Gram blocks but got "
-                f"{list(gram.shape)}; the number of blocks and tasks must not change"
-            )
+        for key in keys:
+            held = self._targets.get(key)
+            if held is not None and held.shape[0] != num_tasks:
+                raise ValueError(
+                    f"GradVac holds targets for {held.shape[0]} tasks in block {key!r} but got "
+                    f"{num_tasks} tasks; the number of tasks must not change"
+                )
         orders = draw.tolist()
-        targets = self._targets.tolist()
-        weights = [
-            _gradvac_block(block, orders, block_targets, self.beta)
-            for block, block_targets in zip(gram.tolist(), targets, strict=True)
-        ]
-        self._targets = torch.tensor(targets, dtype=torch.float64)
+        weights = []
+        for block, key in zip(gram.tolist(), keys, strict=True):
+            held = self._targets.get(key)
+            targets = (
+                [[0.0] * num_tasks for _ in range(num_tasks)] if held is None else held.tolist()
+            )
+            weights.append(_gradvac_block(block, orders, targets, self.beta))
+            self._targets[key] = torch.tensor(targets, dtype=torch.float64)
         return Aggregation(torch.tensor(weights, dtype=torch.float64))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"targets": None if self._targets is None else self._targets.clone()}
+        return {"targets": {key: t.clone() for key, t in self._targets.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unknown = set(state) - {"targets"}
         if unknown:
             raise ValueError(f"GradVac.load_state_dict got unexpected keys {sorted(unknown)}")
         targets = state.get("targets")
-        if targets is not None and (
-            not isinstance(targets, Tensor)
-            or targets.dim() != 3
-            or targets.shape[1] != targets.shape[2]
-        ):
-            raise ValueError("GradVac state 'targets' must be a [B, T, T] tensor or None")
-        self._targets = (
-            None if targets is None else targets.detach().to("cpu", torch.float64).clone()
-        )
+        if targets is None:
+            held: dict[Hashable, Tensor] = {}
+        elif isinstance(targets, Tensor) and targets.dim() == 3:
+            # Checkpoints before per-key state: one [T, T] matrix per block index.
+            held = dict(enumerate(targets))
+        elif isinstance(targets, dict):
+            held = dict(targets)
+        else:
+            raise ValueError(
+                "GradVac state 'targets' must map block keys to [T, T] tensors "
+                "(or be a [B, T, T] tensor, or None)"
+            )
+        for key, t in held.items():
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1]:
+                raise ValueError(f"GradVac state 'targets'[{key!r}] must be a [T, T] tensor")
+        self._targets = {k: t.detach().to("cpu", torch.float64).clone() for k, t in held.items()}
 
     def __repr__(self) -> str:
         return f"GradVac(beta={self.beta})"

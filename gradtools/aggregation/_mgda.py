@@ -17,19 +17,17 @@ class MGDA(BlockAggregator):
 
     Weights: ``w = argmin_{w in simplex} |sum_t w_t g_t|^2``, the minimum-norm
     point of the convex hull of the gradients, solved exactly by the active-set
-    QP of :mod:`gradtools.aggregation._solvers` (KKT residual <= 1e-12 relative
-    to the largest squared gradient norm). Sener & Koltun's Frank-Wolfe loop
-    (torchjd's default, stopping at a step of 1e-3) only approximates it.
+    QP of :mod:`gradtools.aggregation._solvers`. Where we differ: Sener &
+    Koltun's Frank-Wolfe loop (torchjd's default) stops early and only
+    approximates this point.
 
-    Guarantees: weighted (convex weights), non-conflicting
-    (``<d, g_i> >= |d|^2 >= 0`` for every task), weights unchanged when all
-    gradients are scaled by one factor; not linear under per-task scaling (the
-    smallest gradient dominates). Heads get 1/T of their gradient.
-
-    Degenerate inputs: when 0 is in the convex hull (opposite gradients, a zero
-    gradient) the update is zero, which is MGDA's answer (Pareto stationary);
-    several weight vectors may then give it and we return the solver's. All-zero
-    block: uniform weights.
+    Convex weights, non-conflicting (``<d, g_i> >= |d|^2``), zero at strongly
+    Pareto-stationary points (0 is then in the convex hull), weights unchanged
+    when every gradient is scaled by one factor: see
+    :mod:`gradtools.aggregation.guarantees`. Not linear under per-task scaling
+    (the smallest gradient dominates). When several weight vectors give the zero
+    update (a zero gradient, opposite gradients) we return the solver's. All-zero
+    block: uniform weights. Heads get 1/T of their gradient.
     """
 
     name = "mgda"

@@ -28,6 +28,7 @@ onto them, and their own coefficient row is the identity.
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
@@ -37,6 +38,7 @@ from gradtools.aggregation._base import (
     Aggregation,
     Aggregator,
     checked_gram,
+    gram_precision,
     register,
     required_draw,
 )
@@ -221,7 +223,15 @@ class PCGrad(Aggregator):
     def draw(self, num_tasks: int, generator: torch.Generator | None) -> Tensor:
         return draw_orders(num_tasks, generator)
 
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
+    ) -> Aggregation:
+        gram_precision(gram, precision)  # validated; the projections are continuous in the Gram
         gram = checked_gram(gram)
         draw = required_draw(draw, "PCGrad", "the visiting orders")
         result = pcgrad(gram, draw)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
+
 import torch
 from torch import Tensor
 
@@ -9,6 +11,7 @@ from gradtools.aggregation._base import (
     Aggregation,
     Aggregator,
     checked_gram,
+    gram_precision,
     register,
     required_draw,
 )
@@ -35,7 +38,15 @@ class Random(Aggregator):
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         return torch.randn(num_tasks, generator=generator, dtype=torch.float64)
 
-    def aggregate(self, gram: Tensor, draw: Tensor | None) -> Aggregation:
+    def aggregate(
+        self,
+        gram: Tensor,
+        draw: Tensor | None,
+        *,
+        precision: float | None = None,
+        block_keys: Sequence[Hashable] | None = None,
+    ) -> Aggregation:
+        gram_precision(gram, precision)  # validated; the weights do not depend on the Gram
         gram = checked_gram(gram)
         num_blocks, num_tasks, _ = gram.shape
         draw = required_draw(draw, "Random", "its normal draw")

@@ -15,8 +15,10 @@ relative ones.
   the gradients are linearly dependent.
 - :func:`power_balance`: the positive ``x`` with ``(Qx)_i = k_i x_i^(-1/a)`` (Nash-MTL
   for a = 1, FairGrad in general), by damped Newton on a strictly convex
-  potential, to a relative residual of ``BALANCE_TOL``.
-- :func:`psd_pinv`: pseudo-inverse of a symmetric PSD matrix by eigendecomposition.
+  potential, to a relative residual of ``BALANCE_TOL`` or until a step leaves
+  x unchanged.
+- :func:`psd_pinv`: pseudo-inverse of a symmetric PSD matrix by eigendecomposition,
+  dropping the eigenvalues below :func:`noise_floor`.
 """
 
 from __future__ import annotations
@@ -131,8 +133,10 @@ def power_balance(
     ``1/2 x'(Q + rI)x + sum_i k_i h(x_i)`` with ``h'(x) = -x^(-1/alpha)``, found by
     Newton's method with a backtracking line search that keeps x positive,
     started from the solution for Q = I. Stops when every
-    ``|x_i^(1/alpha) ((Q + rI)x)_i / k_i - 1| <= BALANCE_TOL`` (or after 200 steps,
-    returning the last positive iterate).
+    ``|x_i^(1/alpha) ((Q + rI)x)_i / k_i - 1| <= BALANCE_TOL``, or when a step no
+    longer changes x (bit-identical: the residual is then at float64's limit for
+    this Q, which happens when Q is nearly singular), or after 200 steps,
+    returning the last positive iterate.
     """
     n = q.shape[0]
     q = q + BALANCE_RIDGE * np.eye(n)
@@ -168,17 +172,41 @@ def power_balance(
             t *= 0.5
         else:
             break
+        if unchanged(trial, x):
+            # The step is below x's last bit: float64 cannot get closer. This is
+            # where a near-singular Q (almost opposite gradients, on the Pareto
+            # front) leaves the residual above BALANCE_TOL for good.
+            break
         x, value = trial, trial_value
     return x
 
 
-def psd_pinv(q: np.ndarray, rcond: float | None = None) -> np.ndarray:
-    """Pseudo-inverse of a symmetric PSD matrix; eigenvalues below ``rcond * max`` count as zero.
+def unchanged(new: np.ndarray, old: np.ndarray) -> bool:
+    """Whether a solver step left its iterate bit-identical (its stopping rule at float64's limit)."""
+    return bool(np.array_equal(new, old))
 
-    ``rcond`` defaults to ``n * eps`` (as ``torch.linalg.pinv``).
+
+def noise_floor(n: int, precision: float) -> float:
+    """Relative eigenvalue at or below which an order-n Gram's eigenpair is rounding noise.
+
+    When every entry ``G_ij`` is known to ``precision * |g_i| |g_j|``, the error
+    matrix has a spectral norm of at most ``n * precision`` times the largest
+    diagonal (its Frobenius norm is at most ``precision`` times the trace, by
+    Weyl's inequality it moves no eigenvalue by more), so an eigenvalue that
+    small cannot be told from zero. ``8 eps`` (float64's) more covers our own
+    roundings on the way (the products, the normalisation to unit diagonal: a
+    few epsilons per entry), which matter when the gradients are float64.
+    """
+    return n * (max(precision, 0.0) + 8.0 * float(np.finfo(np.float64).eps))
+
+
+def psd_pinv(q: np.ndarray, precision: float) -> np.ndarray:
+    """Pseudo-inverse of a symmetric PSD matrix whose entries are known to ``precision``.
+
+    Eigenvalues at or below ``noise_floor(n, precision) * max`` count as zero.
     """
     n = q.shape[0]
-    cutoff = n * np.finfo(np.float64).eps if rcond is None else rcond
+    cutoff = noise_floor(n, precision)
     values, vectors = _linalg.eigh(q)
     top = float(values.max(initial=0.0))
     keep = values > cutoff * top

@@ -30,22 +30,19 @@ class UPGrad(BlockAggregator):
 
     Each task gradient g_i is projected onto the dual cone of all gradients
     (the directions that conflict with none), and the projections are averaged.
-    Each projection is the QP ``min v'Gv s.t. v >= e_i`` over the T x T Gram
-    matrix, solved exactly by our active-set solver on the correlation matrix
-    (KKT residual <= 1e-12 in units of each gradient's own norm, ridge 1e-13),
-    so no task's constraint is lost when the gradients' scales differ by 1e60. torchjd solves the same
-    QP with quadprog after adding 1e-4 to the diagonal of the trace-normalised
-    Gram matrix, which moves its answer by up to about that much.
+    Each projection is the QP ``min v'Gv s.t. v >= e_i``, solved exactly by our
+    active-set solver on the correlation matrix, so every task's constraint is
+    enforced relative to its own norm whatever the spread of scales. Where we
+    differ: no ridge on the Gram matrix (torchjd adds 1e-4 to the
+    trace-normalised Gram, which moves its answer by about that much).
 
-    Guarantees: weighted, non-conflicting (``<d, g_i> >= 0`` for every task, up
-    to the solver tolerance), linear under scaling (scaling g_i by c_i > 0
-    scales its projection by c_i), permutation equivariant. Heads get 1/T of
-    their gradient (the weights have the mean's scale).
-
-    Degenerate inputs: a zero gradient projects to zero and gets weight 0
-    (its term is zero whatever the weight); opposite gradients
-    project to zero each (update 0); T=1 gives weight 1; identical gradients
-    give the mean. All-zero block: weights 1/T.
+    Non-conflicting, linear under scaling, permutation invariant, and zero at
+    strongly Pareto-stationary points: see :mod:`gradtools.aggregation.guarantees`
+    for the table and the precision each holds to (the QP is exact for the Gram
+    it is given; MultiTask builds it in float64, exact for the stored gradients).
+    A zero gradient gets weight 0, opposite gradients give a zero update, T=1
+    gives weight 1, identical gradients give the mean, an all-zero block 1/T.
+    Heads get 1/T of their gradient (the weights have the mean's scale).
     """
 
     name = "upgrad"
@@ -70,15 +67,12 @@ class UPGrad(BlockAggregator):
 class DualProj(BlockAggregator):
     """DualProj: the mean gradient projected onto the dual cone of the task gradients
     (Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual Learning",
-    NeurIPS, Eq. 11-13, applied to task gradients as in torchjd).
+    NeurIPS, Eq. 11-13, applied to task gradients).
 
-    Solves ``min v'Gv s.t. v >= 1/T`` with the same solver, on the correlation
-    matrix, to the same tolerance as :class:`UPGrad` (torchjd: quadprog with
-    the 1e-4 ridge).
-
-    Guarantees: weighted, non-conflicting, weights unchanged when all gradients
-    are scaled by one factor; not linear under per-task scaling. Heads get 1/T.
-    Degenerate inputs as UPGrad.
+    Solves ``min v'Gv s.t. v >= 1/T`` exactly, on the correlation matrix, as
+    :class:`UPGrad` does (no ridge). Non-conflicting and zero at strongly
+    Pareto-stationary points (:mod:`gradtools.aggregation.guarantees`); not
+    linear under per-task scaling. Heads get 1/T. Degenerate inputs as UPGrad.
     """
 
     name = "dualproj"
