@@ -15,6 +15,7 @@ is called once per step with the wrapper's seeded generator, and under DDP rank
 from __future__ import annotations
 
 import abc
+import functools
 import inspect
 import math
 from collections.abc import Hashable, Sequence
@@ -150,14 +151,24 @@ def aggregate_with(
     overrides the base signature) keeps working: it simply does not get it.
     """
     method = aggregator.aggregate
+    # The function behind the bound method (or one set on the instance): cacheable.
+    taken = _keywords_taken(getattr(method, "__func__", method))
+    if taken is not None:
+        keywords = {k: v for k, v in keywords.items() if k in taken}
+    return method(gram, draw, **keywords)
+
+
+@functools.lru_cache(maxsize=64)
+def _keywords_taken(function: Any) -> frozenset[str] | None:
+    """The parameter names of an ``aggregate`` implementation; ``None`` when it takes
+    ``**kwargs``. Read once per class, not on every step (inspect is slow)."""
     try:
-        parameters = inspect.signature(method).parameters.values()
+        parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):  # no signature to read: pass nothing extra
-        return method(gram, draw)
+        return frozenset()
     if any(p.kind is p.VAR_KEYWORD for p in parameters):
-        return method(gram, draw, **keywords)
-    taken = {p.name for p in parameters}
-    return method(gram, draw, **{k: v for k, v in keywords.items() if k in taken})
+        return None
+    return frozenset(p.name for p in parameters)
 
 
 def resolve_block_keys(
