@@ -128,12 +128,9 @@ def backward_with_features(
         _accumulate_heads(state, heads)
         with record_function(f"{name}.gram"):
             local = feature_gram(grads)
-        # feature_gram multiplies in float32 unless the gradients are float64, so the
-        # aggregator decides rank and stationarity at that precision (see gradient_precision).
-        coarsest = max(torch.finfo(g.dtype if g.dtype == torch.float64 else torch.float32).eps
-                       for g in grads)
-        state.precision = max(state.precision, coarsest,
-                              *(torch.finfo(g.dtype).eps for g in grads))
+        # The aggregator decides rank and stationarity at the feature gradients' precision
+        # (float32 or coarser: feature_gram's products are float32 unless they are float64).
+        state.precision = max(state.precision, *(torch.finfo(g.dtype).eps for g in grads))
         assert state.features is not None
         step = state.features
         step.gram = local if step.gram is None else step.gram + local
