@@ -117,3 +117,13 @@ def write_tiny_data(folder: Path) -> Path:
     _write(folder / "sts-test-student.csv", header,
            [[i, f"u{i}", a, b] for i, (a, b) in enumerate(PAIR_SENTENCES[:3])])
     return folder
+
+
+def tiny_args(tiny: tuple[Path, Path], out: Path) -> list[str]:
+    """Flags for a two-step CLI run of the tiny model on the tiny data into ``out``."""
+    model_dir, data_dir = tiny
+    return ["--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
+            "--batch-sst", "3", "--batch-para", "2", "--batch-sts", "2", "--max-length", "16",
+            "--epochs", "1", "--steps-per-epoch", "2", "--eval-batch-size", "4", "--no-progress",
+            # the exact path: a tiny model gains nothing from compiling AdamW or from bf16
+            "--adamw-impl", "for-loop", "--precision", "fp32"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from demo_fixtures import write_tiny_data, write_tiny_model
+from demo_fixtures import tiny_args, write_tiny_data, write_tiny_model
 
 from bert_demo.cli import build_parser, config_from_args, main
 from bert_demo.config import PAPER_PRESET, QUICK_PRESET
@@ -25,14 +25,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return write_tiny_model(root / "model"), write_tiny_data(root / "data")
 
-
-def tiny_args(tiny: tuple[Path, Path], out: Path) -> list[str]:
-    model_dir, data_dir = tiny
-    return ["--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
-            "--batch-sst", "3", "--batch-para", "2", "--batch-sts", "2", "--max-length", "16",
-            "--epochs", "1", "--steps-per-epoch", "2", "--eval-batch-size", "4", "--no-progress",
-            # the exact path: a tiny model gains nothing from compiling AdamW or from bf16
-            "--adamw-impl", "for-loop", "--precision", "fp32"]
 
 
 def fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from demo_fixtures import write_tiny_data, write_tiny_model
+from demo_fixtures import tiny_args, write_tiny_data, write_tiny_model
 
 from bert_demo.cli import main
 
@@ -26,13 +26,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return write_tiny_model(root / "model"), write_tiny_data(root / "data")
 
-
-def tiny_args(tiny: tuple[Path, Path], out: Path) -> list[str]:
-    model_dir, data_dir = tiny
-    return ["--model", str(model_dir), "--data", str(data_dir), "--out", str(out),
-            "--batch-sst", "3", "--batch-para", "2", "--batch-sts", "2", "--max-length", "16",
-            "--epochs", "1", "--steps-per-epoch", "2", "--eval-batch-size", "4", "--no-progress",
-            "--adamw-impl", "for-loop", "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
