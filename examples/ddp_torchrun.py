@@ -81,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       flush=True)
             if step % args.log_every == 0:
                 window.clear()
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 

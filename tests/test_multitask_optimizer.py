@@ -440,6 +440,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, names: list
                 opt.step()
             results[name] = {"steps": steps, "state": opt.aggregator.state_dict()}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # leave together: gloo aborts a rank whose peer closes first
     finally:
         dist.destroy_process_group()
 

@@ -840,6 +840,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             opt.step()
             results[buckets] = {"grads": grads, "orders": opt.stats.orders}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # leave together: gloo aborts a rank whose peer closes first
     finally:
         dist.destroy_process_group()
 
