@@ -87,6 +87,28 @@ def test_dwa_matches_torchjd() -> None:
     assert seen_non_uniform
 
 
+def test_dwa_is_the_sum_for_two_epochs_then_eq1_of_the_epoch_averages() -> None:
+    """Without a reference library: weights exactly 1 while fewer than two epochs have
+    ended (why a one-epoch DWA run equals the summed-loss run), then T * softmax of the
+    ratio of the last two epochs' average losses over the temperature."""
+    dwa = wt.DWA(T, temperature=2.0)
+    sequence = loss_sequence(9, seed=3)
+    averages = []
+    for epoch in range(3):
+        batch = sequence[3 * epoch : 3 * epoch + 3]
+        for values in batch:
+            _, weights = grad_wrt_losses(dwa, values)
+            if epoch < 2:
+                assert torch.equal(weights, torch.ones(T, dtype=torch.float64))
+            else:
+                rates = averages[1] / averages[0]
+                expected = T * torch.exp(rates / 2.0) / torch.exp(rates / 2.0).sum()
+                torch.testing.assert_close(weights, expected)
+                assert not torch.allclose(weights, torch.ones(T, dtype=torch.float64))
+        averages.append(torch.stack(batch).mean(0))
+        dwa.end_epoch()
+
+
 def test_rlw_matches_torchjd_random_with_the_same_seed() -> None:
     """Reference: torchjd/scalarization/_random.py (softmax of a standard normal draw)."""
     scalarization = pytest.importorskip("torchjd.scalarization")
