@@ -154,3 +154,27 @@ def test_old_positional_gradvac_state_still_loads() -> None:
     aggregator = agg.GradVac()
     aggregator.load_state_dict(old)
     assert set(aggregator.state_dict()["targets"]) == {0, 1}
+
+
+def test_old_positional_nashmtl_state_still_loads() -> None:
+    """A checkpoint from before per-key state ([B, T] last weights) loads as block indices."""
+    aggregator = agg.NashMTL()
+    aggregator.load_state_dict({"step": 4, "last_weights": torch.ones(2, 3, dtype=torch.float64)})
+    state = aggregator.state_dict()
+    assert state["step"] == 4 and set(state["last_weights"]) == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "entry", "bad"),
+    [(agg.NashMTL(), "last_weights", {"x": torch.ones(2, 3)}),
+     (agg.GradVac(), "targets", {"x": torch.ones(3)}),
+     (agg.GradVac(), "targets", {"x": torch.ones(2, 3)}),
+     (agg.NashMTL(), "last_weights", [1.0, 2.0])],
+)
+def test_bad_per_key_state_is_refused_naming_it_and_changes_nothing(
+    aggregator: agg.Aggregator, entry: str, bad: object
+) -> None:
+    before = aggregator.state_dict()
+    with pytest.raises(ValueError, match=entry):
+        aggregator.load_state_dict({entry: bad})
+    assert aggregator.state_dict() == before

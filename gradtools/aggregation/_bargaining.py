@@ -15,6 +15,7 @@ from gradtools.aggregation._base import (
     BlockAggregator,
     checked_gram,
     gram_precision,
+    keyed_state,
     register,
     resolve_block_keys,
 )
@@ -172,23 +173,8 @@ class NashMTL(BlockAggregator):
         unknown = set(state) - {"step", "last_weights"}
         if unknown:
             raise ValueError(f"NashMTL.load_state_dict got unexpected keys {sorted(unknown)}")
-        last = state.get("last_weights")
-        if last is None:
-            rows: dict[Hashable, Tensor] = {}
-        elif isinstance(last, Tensor) and last.dim() == 2:
-            # Checkpoints before per-key state: one row per block index.
-            rows = dict(enumerate(last))
-        elif isinstance(last, dict) and all(
-            isinstance(w, Tensor) and w.dim() == 1 for w in last.values()
-        ):
-            rows = dict(last)
-        else:
-            raise ValueError(
-                "NashMTL state 'last_weights' must map block keys to [T] tensors "
-                "(or be a [B, T] tensor, or None)"
-            )
-        self._step = int(state.get("step", 0))
-        self._last = {k: w.detach().to("cpu", torch.float64).clone() for k, w in rows.items()}
+        last = keyed_state(state.get("last_weights"), 1, "NashMTL", "last_weights")
+        self._step, self._last = int(state.get("step", 0)), last
 
     def __repr__(self) -> str:
         return (

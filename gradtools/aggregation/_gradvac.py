@@ -14,6 +14,7 @@ from gradtools.aggregation._base import (
     Aggregator,
     checked_gram,
     gram_precision,
+    keyed_state,
     register,
     required_draw,
     resolve_block_keys,
@@ -108,23 +109,11 @@ class GradVac(Aggregator):
         unknown = set(state) - {"targets"}
         if unknown:
             raise ValueError(f"GradVac.load_state_dict got unexpected keys {sorted(unknown)}")
-        targets = state.get("targets")
-        if targets is None:
-            held: dict[Hashable, Tensor] = {}
-        elif isinstance(targets, Tensor) and targets.dim() == 3:
-            # Checkpoints before per-key state: one [T, T] matrix per block index.
-            held = dict(enumerate(targets))
-        elif isinstance(targets, dict):
-            held = dict(targets)
-        else:
-            raise ValueError(
-                "GradVac state 'targets' must map block keys to [T, T] tensors "
-                "(or be a [B, T, T] tensor, or None)"
-            )
+        held = keyed_state(state.get("targets"), 2, "GradVac", "targets")
         for key, t in held.items():
-            if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[0] != t.shape[1]:
+            if t.shape[0] != t.shape[1]:
                 raise ValueError(f"GradVac state 'targets'[{key!r}] must be a [T, T] tensor")
-        self._targets = {k: t.detach().to("cpu", torch.float64).clone() for k, t in held.items()}
+        self._targets = held
 
     def __repr__(self) -> str:
         return f"GradVac(beta={self.beta})"
