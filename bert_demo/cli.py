@@ -411,6 +411,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         ranks.shutdown(together=False)
         raise
     ranks.shutdown()
+    if ranks.distributed:
+        ranks.exit_process(0)
     return 0
 
 

@@ -344,3 +344,18 @@ def test_errors_that_cannot_travel_between_ranks_keep_their_text() -> None:
 
     converted = _picklable(Local("disk full"))
     assert type(converted) is RuntimeError and str(converted) == "Local: disk full"
+
+
+def test_a_finished_worker_exits_with_its_output_flushed_and_its_code() -> None:
+    # exit_process skips the interpreter's teardown (see its docstring): what the worker
+    # printed into a pipe's buffer must still arrive, and the exit code must be the one given.
+    script = ("import sys\n"
+              "from bert_demo.training.distributed import Ranks\n"
+              "print('summary', end='')\n"
+              "sys.stderr.write('note')\n"
+              "Ranks().exit_process(3)\n"
+              "print('not reached')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe buffers
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (3, "summary", "note")
