@@ -228,7 +228,7 @@ class Ranks:
         while the interpreter exits ("terminate called without an active exception",
         SIGABRT after every file is written; seen in 3 of 120 two-process runs of
         tests/test_distributed_demo.py's torchrun command on a loaded 2-core CPU, and
-        in CI), turning a finished run into a failed one. Nothing is left to do by then,
+        in a CI rehearsal on a fresh clone), turning a finished run into a failed one. Nothing is left to do by then,
         so the worker skips the interpreter's teardown.
         """
         sys.stdout.flush()

@@ -191,27 +191,27 @@ def resolve_block_keys(
     return keys
 
 
-def keyed_state(value: object, rank: int, owner: str, name: str) -> dict[Hashable, Tensor]:
+def keyed_state(value: object, dims: int, owner: str, name: str) -> dict[Hashable, Tensor]:
     """Per-block state as a ``state_dict`` holds it, as CPU float64 copies keyed by block key.
 
-    ``value``: ``None``, a mapping of block keys to ``rank``-dimensional tensors, or
+    ``value``: ``None``, a mapping of block keys to ``dims``-dimensional tensors, or
     (checkpoints from before per-key state) one tensor stacking them, a row per
     block index. Errors name ``owner`` and the state entry ``name``.
     """
     if value is None:
         rows: dict[Hashable, Any] = {}
-    elif isinstance(value, Tensor) and value.dim() == rank + 1:
+    elif isinstance(value, Tensor) and value.dim() == dims + 1:
         rows = dict(enumerate(value))
     elif isinstance(value, dict):
         rows = dict(value)
     else:
         raise ValueError(
-            f"{owner} state {name!r} must map block keys to {rank}-dimensional tensors "
+            f"{owner} state {name!r} must map block keys to {dims}-dimensional tensors "
             "(or stack them in one tensor, or be None)"
         )
     for key, t in rows.items():
-        if not isinstance(t, Tensor) or t.dim() != rank:
-            raise ValueError(f"{owner} state {name!r}[{key!r}] must be a {rank}-dimensional tensor")
+        if not isinstance(t, Tensor) or t.dim() != dims:
+            raise ValueError(f"{owner} state {name!r}[{key!r}] must be a {dims}-dimensional tensor")
     return {k: t.detach().to("cpu", torch.float64).clone() for k, t in rows.items()}
 
 
